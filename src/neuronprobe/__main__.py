@@ -1,0 +1,3 @@
+from neuronprobe.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,199 @@
+"""Stage 3, activations: read the neurons of every requested layer at the last token.
+
+Entry point: :func:`extract_activations` (model + token array -> float32
+``[layers, contexts, neurons]``). Neurons are read at a named *site*, the same name for
+every architecture:
+
+``mlp.pre``
+    The MLP's expansion before its non-linearity, shape ``[batch, pos, d_mlp]``: the output of
+    ``mlp.c_fc`` in GPT-2 (the notebook's hook), of ``mlp.gate_proj`` in gated MLPs (Llama,
+    SmolLM2, Mistral, Qwen2, Gemma), of ``mlp.dense_h_to_4h`` in GPT-NeoX/Pythia.
+
+Only the last position is kept (the notebook stores all positions and then uses the last one),
+the forward pass stops right after the deepest requested layer (no later block, no logits),
+and everything runs under ``torch.inference_mode``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from neuronprobe.errors import NeuronprobeError
+
+logger = logging.getLogger(__name__)
+
+SITES = ("mlp.pre",)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Where one architecture keeps its blocks and each site's module.
+
+    Attributes
+    ----------
+    blocks:
+        Attribute path, from the ``*ForCausalLM`` model, of the list of transformer blocks.
+    mlp_pre:
+        Attribute path, from a block, of the module whose output is the ``mlp.pre`` site.
+    """
+
+    blocks: str
+    mlp_pre: str
+
+
+_GATED = Architecture(blocks="model.layers", mlp_pre="mlp.gate_proj")
+ARCHITECTURES: dict[str, Architecture] = {
+    "gpt2": Architecture(blocks="transformer.h", mlp_pre="mlp.c_fc"),
+    "gpt_neox": Architecture(blocks="gpt_neox.layers", mlp_pre="mlp.dense_h_to_4h"),
+    "llama": _GATED,
+    "mistral": _GATED,
+    "qwen2": _GATED,
+    "qwen3": _GATED,
+    "gemma": _GATED,
+    "gemma2": _GATED,
+}
+
+
+class _StopForward(Exception):
+    """Raised by the deepest layer's hook: everything after it is not needed."""
+
+
+def architecture_of(model: Any) -> Architecture:
+    """The :class:`Architecture` of a Hugging Face causal LM, or a clear error."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise NeuronprobeError(
+            f"model type {model_type!r} has no neuron-site mapping yet; supported: "
+            f"{', '.join(sorted(ARCHITECTURES))}."
+        )
+    return ARCHITECTURES[model_type]
+
+
+def _get(module: Any, path: str) -> Any:
+    for name in path.split("."):
+        module = getattr(module, name)
+    return module
+
+
+def site_modules(model: Any, site: str = "mlp.pre") -> list[Any]:
+    """The module of every layer whose forward output is ``site``, index = layer."""
+    if site not in SITES:
+        raise NeuronprobeError(f"unknown neuron site {site!r}; available: {', '.join(SITES)}.")
+    architecture = architecture_of(model)
+    return [_get(block, architecture.mlp_pre) for block in _get(model, architecture.blocks)]
+
+
+def resolve_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
+    """Requested layers, sorted and unique; ``None`` -> all. Negative indices count from the end."""
+    if layers is None:
+        return list(range(n_layers))
+    resolved = set()
+    for layer in layers:
+        index = layer + n_layers if layer < 0 else layer
+        if not 0 <= index < n_layers:
+            raise NeuronprobeError(
+                f"layer {layer} is out of range: the model has {n_layers} layers (0-{n_layers - 1})."
+            )
+        resolved.add(index)
+    if not resolved:
+        raise NeuronprobeError("--layers is empty; name at least one layer, or omit it for all.")
+    return sorted(resolved)
+
+
+def extract_activations(
+    model: Any,
+    tokens: np.ndarray,
+    *,
+    layers: Sequence[int] | None = None,
+    site: str = "mlp.pre",
+    batch_size: int = 64,
+    out: np.ndarray | None = None,
+    progress: bool = True,
+) -> np.ndarray:
+    """Neuron activations at the last token of each context.
+
+    Parameters
+    ----------
+    model:
+        A Hugging Face causal LM in eval mode (see :func:`neuronprobe.models.load_model`).
+    tokens:
+        int [contexts, pos], contexts of equal length; the last column is the target token.
+    layers:
+        Layers to read (default all).
+    site:
+        Neuron site name (see the module docstring).
+    batch_size:
+        Contexts per forward pass.
+    out:
+        Optional float32 array [layers, contexts, neurons] to fill (e.g. an ``np.memmap``);
+        a new array is allocated when omitted.
+
+    Returns
+    -------
+    np.ndarray
+        float32 [layers, contexts, neurons], ``out`` if it was given.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    modules = site_modules(model, site)
+    chosen = resolve_layers(layers, len(modules))
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2 or tokens.shape[0] == 0:
+        raise NeuronprobeError(
+            f"tokens must be a non-empty [contexts, pos] array, got {tokens.shape}."
+        )
+    device = next(model.parameters()).device
+    n_contexts = tokens.shape[0]
+
+    current: dict[int, Any] = {}  # layer -> [batch, d_mlp] of the batch being processed
+    deepest = chosen[-1]
+
+    def hook_for(layer: int) -> Any:
+        def hook(_module: Any, _inputs: Any, output: Any) -> None:
+            current[layer] = output[:, -1, :]  # [batch, pos, d_mlp] -> [batch, d_mlp]
+            if layer == deepest:
+                raise _StopForward
+
+        return hook
+
+    handles = [modules[layer].register_forward_hook(hook_for(layer)) for layer in chosen]
+    try:
+        with (
+            torch.inference_mode(),
+            tqdm(
+                total=n_contexts, desc="activations", unit=" contexts", disable=not progress
+            ) as bar,
+        ):
+            for start in range(0, n_contexts, batch_size):
+                batch = torch.as_tensor(tokens[start : start + batch_size], device=device)
+                current.clear()
+                with contextlib.suppress(_StopForward):
+                    model(input_ids=batch, attention_mask=torch.ones_like(batch), use_cache=False)
+                if out is None:
+                    width = current[deepest].shape[-1]
+                    out = np.empty((len(chosen), n_contexts, width), dtype=np.float32)
+                for row, layer in enumerate(chosen):
+                    out[row, start : start + len(batch)] = (
+                        current[layer].to(torch.float32).cpu().numpy()
+                    )
+                bar.update(len(batch))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert out is not None
+    return out
+
+
+def site_width(model: Any, site: str = "mlp.pre") -> int:
+    """Neurons per layer at ``site`` (``d_mlp`` for the MLP sites)."""
+    module = site_modules(model, site)[0]
+    weight = module.weight
+    # GPT-2's Conv1D stores [in, out]; nn.Linear stores [out, in].
+    return int(weight.shape[1] if type(module).__name__ == "Conv1D" else weight.shape[0])

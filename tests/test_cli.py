@@ -1,0 +1,70 @@
+"""The command line: success prints where results are; bad input is one line and exit code 2."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def neuronprobe(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "neuronprobe", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=os.environ.copy(),
+    )
+
+
+def test_run_succeeds_and_says_where_the_results_are(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    done = neuronprobe(
+        "run",
+        "--model",
+        str(tiny_gpt2_dir),
+        "--out",
+        str(out),
+        "--min-per-class",
+        "20",
+        "--layer",
+        "1",
+        "--quiet",
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"results in {out}" in done.stdout
+    assert (out / "figures" / "neurons_layer1.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "gpt2-medium"], "'gpt2-medium' is not a local folder"),
+        (["--corpus", "c4"], "corpus 'c4'.*not reachable"),
+        (["--layers", "0,9"], "layer 9 is out of range"),
+        (["--layers", "0,1", "--layer", "3"], "--layer 3 is not among the recorded layers"),
+        (["--min-per-class", "1"], "--min-per-class must be at least 2"),
+        (["--device", "tpu"], "--device 'tpu' is not a torch device"),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_exit_code_2(
+    args: list[str], message: str, tiny_gpt2_dir: Path, tmp_path: Path
+) -> None:
+    model = [] if "--model" in args else ["--model", str(tiny_gpt2_dir)]
+    done = neuronprobe("run", *model, *args, "--out", str(tmp_path / "run"), "--quiet")
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    import re
+
+    errors = [line for line in done.stderr.splitlines() if line.startswith("neuronprobe: error:")]
+    assert len(errors) == 1 and re.search(message, errors[0]), done.stderr
+
+
+def test_existing_out_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "keep.txt").write_text("last week's results")
+    done = neuronprobe("run", "--out", str(tmp_path), "--quiet")
+    assert done.returncode == 2 and "already holds files" in done.stderr
+    assert (tmp_path / "keep.txt").read_text() == "last week's results"

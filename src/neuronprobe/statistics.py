@@ -25,6 +25,7 @@ the solution, restricted to the non-zero coefficients and inverted; the slope's 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import warnings
@@ -74,7 +75,8 @@ class NeuronFits:
     intercept : np.ndarray
         float64 intercept ``b0`` (penalised, like statsmodels' ``add_constant`` column).
     beta_se : np.ndarray
-        float64 standard error of the slope, NaN where ``beta == 0``.
+        float64 standard error of the slope, NaN where ``beta == 0`` (statsmodels engine: also
+        where statsmodels' Hessian at its stopping point was singular).
     pvalue : np.ndarray
         float64 two-sided Wald p-value of the slope (statsmodels' normal formula), NaN where
         ``beta == 0``.
@@ -170,9 +172,7 @@ def _labels_to_bool(labels: Any) -> np.ndarray:
     return arr.astype(bool)
 
 
-def stratified_train_mask(
-    labels: np.ndarray, test_size: float = 0.2, seed: int = 0
-) -> np.ndarray:
+def stratified_train_mask(labels: np.ndarray, test_size: float = 0.2, seed: int = 0) -> np.ndarray:
     """Draw one seeded, stratified train/test split of the contexts.
 
     Uses ``sklearn.model_selection.train_test_split(np.arange(n), test_size=test_size,
@@ -372,6 +372,12 @@ def _margins(b0: torch.Tensor, b1: torch.Tensor, s: torch.Tensor, xs: torch.Tens
     return torch.addcmul(torch.outer(b0, s), b1[:, None], xs)
 
 
+def _abs_change(b: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """``|b + d| - |b|`` without cancellation when ``b + d`` keeps the sign of ``b``."""
+    z = b + d
+    return torch.where(b * z > 0, torch.sign(b) * d, z.abs() - b.abs())
+
+
 def _lasso2(
     g0: torch.Tensor,
     g1: torch.Tensor,
@@ -403,45 +409,49 @@ def _lasso2(
     d0, d1 : torch.Tensor
         ``[m]`` step.
     delta : torch.Tensor
-        ``[m]`` ``g.d + alpha*(|b+d|_1 - |b|_1)`` (< 0 unless ``d = 0``), for Armijo.
+        ``[m]`` ``g.d + alpha*(|b+d|_1 - |b|_1)`` (clamped to <= 0), for the Armijo test.
     """
     h01 = h00 * xbar
     h11 = spread + h01 * xbar
     c0 = g0 - (h00 * b0 + h01 * b1)
     c1 = g1 - (h01 * b0 + h11 * b1)
     zero = torch.zeros_like(b0)
+    # Candidates 0-2: z = 0, (0, z1), (z0, 0); 3-4: coordinate descent; 5-8: both non-zero.
 
     def soft(v: torch.Tensor) -> torch.Tensor:
         return torch.sign(v) * torch.clamp(v.abs() - alpha, min=0.0)
 
-    z0_list = [zero, zero, -soft(c0) / h00, b0, -soft(c0 + h01 * b1) / h00]
-    z1_list = [zero, -soft(c1) / h11, zero, -soft(c1 + h01 * b0) / h11, b1]
+    # Steps d = z - b; the stepped candidates are built as steps (not points) for accuracy.
+    d0_list = [-b0, -b0, -soft(c0) / h00 - b0, zero, -soft(c0 + h01 * b1) / h00 - b0]
+    d1_list = [-b1, -soft(c1) / h11 - b1, -b1, -soft(c1 + h01 * b0) / h11 - b1, zero]
     for sign0 in (1.0, -1.0):
         for sign1 in (1.0, -1.0):
             r0 = g0 + alpha * sign0
             r1 = g1 + alpha * sign1
             step1 = -(r1 - xbar * r0) / spread
-            z0_list.append(b0 + (-r0 / h00 - xbar * step1))
-            z1_list.append(b1 + step1)
-    z0 = torch.stack(z0_list, dim=1)
-    z1 = torch.stack(z1_list, dim=1)
-    d0 = z0 - b0[:, None]
-    d1 = z1 - b1[:, None]
-    lin = g0[:, None] * d0 + g1[:, None] * d1 + alpha * (
-        z0.abs() + z1.abs() - (b0.abs() + b1.abs())[:, None]
+            d0_list.append(-r0 / h00 - xbar * step1)
+            d1_list.append(step1)
+    d0 = torch.stack(d0_list, dim=1)
+    d1 = torch.stack(d1_list, dim=1)
+    lin = (
+        g0[:, None] * d0
+        + g1[:, None] * d1
+        + alpha * (_abs_change(b0[:, None], d0) + _abs_change(b1[:, None], d1))
     )
     quad = 0.5 * (h00[:, None] * (d0 + xbar[:, None] * d1) ** 2 + spread[:, None] * d1 * d1)
     q = lin + quad
     q = torch.where(torch.isfinite(q), q, torch.full_like(q, math.inf))
-    best = torch.argmin(q, dim=1, keepdim=True)  # first minimum: zero-containing candidates win ties
+    best = torch.argmin(
+        q, dim=1, keepdim=True
+    )  # first minimum: zero-containing candidates win ties
     d0_best = d0.gather(1, best).squeeze(1)
     d1_best = d1.gather(1, best).squeeze(1)
     delta = lin.gather(1, best).squeeze(1)
-    # A non-descent model step can only come from rounding or overflow: do not move.
-    bad = ~(delta < 0)
+    # delta <= 0 in exact arithmetic; a non-finite step can only come from overflow: stay put.
+    bad = ~(torch.isfinite(d0_best) & torch.isfinite(d1_best) & torch.isfinite(delta))
     d0_best = torch.where(bad, 0.0, d0_best)
     d1_best = torch.where(bad, 0.0, d1_best)
-    delta = torch.where(bad, 0.0, delta)
+    delta = torch.where(bad, 0.0, delta.clamp(max=0.0))
     return d0_best, d1_best, delta
 
 
@@ -612,7 +622,8 @@ def _fit_chunk_fast(
     fit_rows = (~const).nonzero().squeeze(1)
     iterations = 0
     if fit_rows.numel() > 0:
-        res = _prox_newton(x[fit_rows], y_train, alpha, max_iter, kkt_tol)
+        x_fit = x if fit_rows.numel() == m else x[fit_rows]  # no copy in the usual case
+        res = _prox_newton(x_fit, y_train, alpha, max_iter, kkt_tol)
         iterations = res.iterations
         b0[fit_rows], b1[fit_rows], conv[fit_rows] = res.b0, res.b1, res.converged
         # H = X'WX at the solution; det H = h00*spread, so [H^-1]_11 = 1/spread.
@@ -655,21 +666,23 @@ def _fit_chunk_fast(
 # ----------------------------------------------------------------------------------------------
 
 
-def _nan_safe_cov_l1(likelihood_model: Any, xopt: np.ndarray, retvals: dict[str, Any]) -> np.ndarray:
+def _nan_safe_cov_l1(
+    likelihood_model: Any, xopt: np.ndarray, retvals: dict[str, Any]
+) -> np.ndarray:
     """statsmodels' ``cov_params_func_l1``, but NaN instead of raising on a singular Hessian."""
     hess = likelihood_model.hessian(xopt)
     nz = np.flatnonzero(~np.asarray(retvals["trimmed"]))
     cov = np.full(hess.shape, np.nan)
     sub = hess[nz[:, None], nz]
     if nz.size and np.isfinite(sub).all():
-        try:
+        with contextlib.suppress(np.linalg.LinAlgError):
             cov[nz[:, None], nz] = np.linalg.inv(-sub)
-        except np.linalg.LinAlgError:
-            pass
     return cov
 
 
-def _statsmodels_fit(yf: np.ndarray, exog: np.ndarray, alpha: float, counters: dict[str, int]) -> Any:
+def _statsmodels_fit(
+    yf: np.ndarray, exog: np.ndarray, alpha: float, counters: dict[str, int]
+) -> Any:
     """The notebook's ``sm.Logit(y, X).fit_regularized(...)`` with warnings counted, not shown.
 
     statsmodels 0.15 raises ``LinAlgError`` when the Hessian at SLSQP's stopping point is
@@ -687,7 +700,7 @@ def _statsmodels_fit(yf: np.ndarray, exog: np.ndarray, alpha: float, counters: d
         except np.linalg.LinAlgError:
             counters["singular"] += 1
             model = sm.Logit(yf, exog)
-            model.cov_params_func_l1 = _nan_safe_cov_l1  # type: ignore[method-assign]
+            model.cov_params_func_l1 = _nan_safe_cov_l1
             result = model.fit_regularized(maxiter=3000, disp=0, method="l1", alpha=alpha)
     seen: set[str] = set()
     for item in caught:

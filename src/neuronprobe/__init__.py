@@ -8,19 +8,34 @@ The pipeline is a straight line, one module per stage::
 and :func:`run` does all of it into a run directory.
 """
 
-from neuronprobe.config import RunConfig
-from neuronprobe.contexts import Contrast
-from neuronprobe.errors import NeuronprobeError
-from neuronprobe.pipeline import RunResult, run
-from neuronprobe.statistics import NeuronFits, fit_neuron_logits
+from __future__ import annotations
 
-__all__ = [
-    "Contrast",
-    "NeuronFits",
-    "NeuronprobeError",
-    "RunConfig",
-    "RunResult",
-    "fit_neuron_logits",
-    "run",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from neuronprobe.config import RunConfig
+    from neuronprobe.contexts import Contrast
+    from neuronprobe.errors import NeuronprobeError
+    from neuronprobe.pipeline import RunResult, run
+    from neuronprobe.statistics import NeuronFits, fit_neuron_logits
+
+# Imported on first use, so that `neuronprobe --help` and input checks do not wait for torch.
+_EXPORTS = {
+    "Contrast": "neuronprobe.contexts",
+    "NeuronFits": "neuronprobe.statistics",
+    "NeuronprobeError": "neuronprobe.errors",
+    "RunConfig": "neuronprobe.config",
+    "RunResult": "neuronprobe.pipeline",
+    "fit_neuron_logits": "neuronprobe.statistics",
+    "run": "neuronprobe.pipeline",
+}
+
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'neuronprobe' has no attribute {name!r}")

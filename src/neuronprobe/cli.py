@@ -130,11 +130,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from transformers.utils import logging as hf_logging
-
-    from neuronprobe.pipeline import run
-
-    hf_logging.disable_progress_bar()
     config = RunConfig(
         model=args.model,
         corpus=args.corpus,
@@ -147,6 +142,12 @@ def _run(args: argparse.Namespace) -> int:
         device=args.device,
         batch_size=args.batch_size,
     )
+    # Heavy imports only once the settings are known to be valid.
+    from transformers.utils import logging as hf_logging
+
+    from neuronprobe.pipeline import run
+
+    hf_logging.disable_progress_bar()
     result = run(config, args.out, force=args.force, progress=not args.quiet)
     layers = result.layers
     top = layers.sort_values("percent_significant", ascending=False).head(3)

@@ -76,8 +76,10 @@ class RunConfig:
             raise NeuronprobeError(
                 f"--test-size must be between 0 and 1 (got {self.test_size}); the notebook uses 0.2."
             )
-        if self.alpha < 0:
-            raise NeuronprobeError(f"--alpha must be >= 0 (got {self.alpha}).")
+        if not self.alpha > 0:
+            raise NeuronprobeError(
+                f"--alpha must be a positive number (got {self.alpha}); the notebook uses 0.1."
+            )
         if not 0.0 < self.significance < 1.0:
             raise NeuronprobeError(
                 f"--significance must be between 0 and 1 (got {self.significance})."

@@ -31,7 +31,15 @@ _EXPORTS = {
     "run": "neuronprobe.pipeline",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "Contrast",
+    "NeuronFits",
+    "NeuronprobeError",
+    "RunConfig",
+    "RunResult",
+    "fit_neuron_logits",
+    "run",
+]
 __version__ = "0.1.0"
 
 

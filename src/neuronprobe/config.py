@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from neuronprobe.contexts import Contrast
-from neuronprobe.errors import NeuronprobeError
+from neuronprobe.errors import NeuronprobeError, check_known_keys
 
 
 @dataclass
@@ -94,12 +94,7 @@ class RunConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:
         """Inverse of :meth:`to_dict`; unknown keys are an error that names them."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise NeuronprobeError(
-                f"unknown config key(s) {unknown}; known keys are {sorted(known)}."
-            )
+        check_known_keys(values, (f.name for f in dataclasses.fields(cls)), "config")
         values = dict(values)
         if isinstance(values.get("contrast"), dict):
             values["contrast"] = Contrast.from_dict(values["contrast"])

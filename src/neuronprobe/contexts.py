@@ -56,6 +56,19 @@ class Contrast:
     negative_name: str = "can"
 
     def __post_init__(self) -> None:
+        for name in ("target", "positive_name", "negative_name"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise NeuronprobeError(f"contrast {name} must be a non-empty string.")
+        for name in ("positive_followers", "excluded_followers"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not all(isinstance(v, str) and v for v in value):
+                raise NeuronprobeError(
+                    f"contrast {name} must be a list of non-empty strings (got {value!r})."
+                )
+        if not isinstance(self.context_length, int) or isinstance(self.context_length, bool):
+            raise NeuronprobeError(
+                f"contrast context_length must be an integer (got {self.context_length!r})."
+            )
         if self.context_length < 0:
             raise NeuronprobeError(
                 f"contrast context_length must be >= 0 (got {self.context_length})."
@@ -75,6 +88,26 @@ class Contrast:
             f"{', '.join(repr(w) for w in self.excluded_followers)} ({self.negative_name!r}); "
             f"{self.context_length} tokens of context before the target"
         )
+
+    @classmethod
+    def from_toml(cls, path: Path | str) -> Contrast:
+        """Read a contrast from a TOML file with the dataclass's keys (see ``examples/contrasts``).
+
+        Raises
+        ------
+        NeuronprobeError
+            If the file is missing, is not TOML, or has unknown or ill-typed keys.
+        """
+        import tomllib
+
+        path = Path(path)
+        try:
+            values = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as error:
+            raise NeuronprobeError(f"--contrast {path}: no such file; give a TOML file.") from error
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+            raise NeuronprobeError(f"--contrast {path} is not valid TOML: {error}.") from error
+        return cls.from_dict(values)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Contrast:

@@ -8,6 +8,7 @@ calls them in order, writes their results into the run directory (see
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import logging
 import platform
 import sys
@@ -25,7 +26,7 @@ import pandas as pd
 from neuronprobe import rundir
 from neuronprobe.activations import extract_activations, resolve_layers, site_modules, site_width
 from neuronprobe.config import RunConfig
-from neuronprobe.contexts import collect_contexts, resolve_contrast, save_contexts
+from neuronprobe.contexts import collect_contexts, load_contexts, resolve_contrast, save_contexts
 from neuronprobe.errors import NeuronprobeError
 from neuronprobe.figures import accuracy_figure, layers_figure, neuron_figure, save_figure
 from neuronprobe.models import load_model
@@ -58,9 +59,9 @@ class RunResult:
     """What :func:`run` produced: the run directory and its tables and figures in memory."""
 
     directory: Path
-    neurons: pd.DataFrame
-    layers: pd.DataFrame
     record: dict[str, Any]
+    neurons: pd.DataFrame | None = None  # None when the run stopped after the contexts
+    layers: pd.DataFrame | None = None
     figures: dict[str, Any] = field(default_factory=dict)
 
 
@@ -80,18 +81,51 @@ def versions() -> dict[str, str]:
     return found
 
 
-def prepare_out(out: Path, force: bool) -> Path:
-    """Create the run directory; refuse one that already holds files unless ``force``."""
+# Settings that decide which contexts a run collects: equal settings, reusable contexts.
+CONTEXT_SETTINGS = ("model", "corpus", "text_column", "contrast", "min_per_class", "seed")
+
+
+def open_run_directory(out: Path, config: RunConfig, force: bool) -> dict[str, Any] | None:
+    """Create the run directory, or find in it contexts this run may reuse.
+
+    Returns the earlier ``run.json`` when ``out`` holds contexts collected with the same
+    :data:`CONTEXT_SETTINGS` (by ``neuronprobe contexts``, or by an unfinished or identical
+    run); None for a new run. Refuses any other folder that holds files, unless ``force``.
+    """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise NeuronprobeError(f"--out {out} is a file; name a folder for the run.")
-    if out.is_dir() and any(out.iterdir()) and not force:
+    if not out.is_dir() or not any(out.iterdir()):
+        out.mkdir(parents=True, exist_ok=True)
+        return None
+    if force:
+        return None
+    earlier = _reusable_record(out, config)
+    if earlier is None:
         raise NeuronprobeError(
-            f"--out {out} already holds files (an earlier run?); choose another --out, "
-            "or pass --force to overwrite its results."
+            f"--out {out} already holds files (an earlier run with other settings?); choose "
+            "another --out, or pass --force to overwrite its results."
         )
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    return earlier
+
+
+def _reusable_record(out: Path, config: RunConfig) -> dict[str, Any] | None:
+    try:
+        earlier = rundir.read_json(out / rundir.RUN_JSON)
+        settings = earlier["config"]
+    except (OSError, ValueError, KeyError):
+        return None
+    wanted = json.loads(json.dumps(config.to_dict()))  # as run.json holds it: lists, not tuples
+    if earlier.get("stages", {}).get("contexts") != "complete":
+        return None
+    if not (out / rundir.CONTEXTS).is_file():
+        return None
+    if any(settings.get(key) != wanted[key] for key in CONTEXT_SETTINGS):
+        return None
+    # Later stages may be redone only where they were never finished, or would come out the same.
+    if earlier.get("stages", {}).get("statistics") == "complete" and settings != wanted:
+        return None
+    return earlier
 
 
 def run(
@@ -100,6 +134,7 @@ def run(
     *,
     force: bool = False,
     progress: bool = True,
+    stop_after: str | None = None,
 ) -> RunResult:
     """Run the experiment described by ``config`` and write its run directory.
 
@@ -111,9 +146,12 @@ def run(
     out:
         The run directory (default ``runs/<timestamp>``).
     force:
-        Allow writing into a folder that already holds files.
+        Allow writing into a folder that already holds other results.
     progress:
         Show progress bars.
+    stop_after:
+        ``"contexts"`` to collect and save the contexts only (``neuronprobe contexts``); a
+        later run with the same ``--out`` and context settings reuses them.
 
     Returns
     -------
@@ -123,10 +161,14 @@ def run(
     config = config or RunConfig()
     # Cheap input checks (the corpus exists and is readable) before anything is written.
     corpus = open_corpus(config.corpus, text_column=config.text_column)
-    directory = prepare_out(Path(out) if out is not None else default_out(), force)
+    if stop_after not in (None, "contexts"):
+        raise ValueError(f"stop_after must be None or 'contexts', got {stop_after!r}")
+    directory = Path(out) if out is not None else default_out()
+    earlier = open_run_directory(directory, config, force)
     timings: dict[str, float] = {}
     record: dict[str, Any] = {
         "status": "running",
+        "stages": {},
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
         "config": config.to_dict(),
         "seed": config.seed,
@@ -135,7 +177,7 @@ def run(
     }
     rundir.write_json(directory / rundir.RUN_JSON, record)
     try:
-        return _run_stages(config, corpus, directory, record, progress)
+        return _run_stages(config, corpus, directory, record, earlier, progress, stop_after)
     except BaseException as error:
         # run.json must never claim a run that stopped half-way was complete.
         interrupted = isinstance(error, KeyboardInterrupt)
@@ -154,7 +196,13 @@ def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
 
 
 def _run_stages(
-    config: RunConfig, corpus: Corpus, directory: Path, record: dict[str, Any], progress: bool
+    config: RunConfig,
+    corpus: Corpus,
+    directory: Path,
+    record: dict[str, Any],
+    earlier: dict[str, Any] | None,
+    progress: bool,
+    stop_after: str | None,
 ) -> RunResult:
     timings: dict[str, float] = record["timings_s"]
 
@@ -181,18 +229,29 @@ def _run_stages(
         "excluded_ids": sorted(contrast_ids.excluded_ids),
     }
 
-    with stage("contexts"):
-        contexts = collect_contexts(
-            corpus.documents(),
-            loaded.tokenizer,
-            config.contrast,
-            min_per_class=config.min_per_class,
-            seed=config.seed,
-            progress=progress,
-        )
-        save_contexts(contexts, directory / rundir.CONTEXTS, loaded.tokenizer, config.contrast)
-    record["corpus"] = corpus.identity()
-    record["counts"] = {**contexts.counts, "contexts": len(contexts)}
+    if earlier is not None:
+        logger.info("reusing the contexts in %s", directory / rundir.CONTEXTS)
+        contexts = load_contexts(directory / rundir.CONTEXTS)
+        for key in ("corpus", "counts"):
+            record[key] = earlier[key]
+        timings["contexts"] = earlier["timings_s"].get("contexts", 0.0)
+    else:
+        with stage("contexts"):
+            contexts = collect_contexts(
+                corpus.documents(),
+                loaded.tokenizer,
+                config.contrast,
+                min_per_class=config.min_per_class,
+                seed=config.seed,
+                progress=progress,
+            )
+            save_contexts(contexts, directory / rundir.CONTEXTS, loaded.tokenizer, config.contrast)
+        record["corpus"] = corpus.identity()
+        record["counts"] = {**contexts.counts, "contexts": len(contexts)}
+    record["stages"]["contexts"] = "complete"
+    rundir.write_json(directory / rundir.RUN_JSON, record)
+    if stop_after == "contexts":
+        return _finish(directory, record)
 
     with stage("activations"):
         shape = (len(layers), len(contexts), site_width(loaded.model, config.site))
@@ -261,7 +320,14 @@ def _run_stages(
         for name, figure in figures.items():
             save_figure(figure, directory / rundir.FIGURES / name)
 
+    record["stages"].update(activations="complete", statistics="complete", figures="complete")
+    result = _finish(directory, record)
+    result.neurons, result.layers, result.figures = neurons, layers_profile, figures
+    return result
+
+
+def _finish(directory: Path, record: dict[str, Any]) -> RunResult:
     record["status"] = "complete"
     record["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
     rundir.write_json(directory / rundir.RUN_JSON, record)
-    return RunResult(directory, neurons, layers_profile, record, figures)
+    return RunResult(directory, record)

@@ -66,7 +66,9 @@ def test_scan_returns_exactly_the_notebook_contexts(
     )
     documents = review_documents[:1500]
     can, cant, scanned = notebook_scan([d.text for d in documents], tokenizer, min_per_class=10**9)
-    scan = scan_contexts(documents, tokenizer, min_per_class=10**9, progress=False)
+    scan = scan_contexts(
+        documents, tokenizer, min_per_class=10**9, drop_duplicates=False, progress=False
+    )
     assert scan.documents_scanned == scanned == len(documents)
     assert scan.negative.tokens == can
     assert scan.positive.tokens == cant
@@ -78,7 +80,9 @@ def test_scan_stops_where_the_notebook_stops(
     review_documents: list[Document], gpt2_tok: Any
 ) -> None:
     can, cant, scanned = notebook_scan([d.text for d in review_documents], gpt2_tok, 40)
-    scan = scan_contexts(review_documents, gpt2_tok, min_per_class=40, progress=False)
+    scan = scan_contexts(
+        review_documents, gpt2_tok, min_per_class=40, drop_duplicates=False, progress=False
+    )
     assert scan.documents_scanned == scanned < len(review_documents)
     assert scan.negative.tokens == can and scan.positive.tokens == cant
     assert min(len(scan.positive), len(scan.negative)) >= 40
@@ -96,10 +100,14 @@ def test_contexts_end_in_the_target_and_labels_match_the_next_token(
     assert contexts.labels.sum() * 2 == len(contexts)
     assert not contexts.labels[: len(contexts) // 2].any()  # negatives first, as the notebook
     by_id = {d.id: d for d in review_documents}
-    for row in (0, len(contexts) - 1):
-        ids = gpt2_tok.encode(by_id[contexts.document_ids[row]].text)
-        position = contexts.positions[row]
-        assert ids[position - 10 : position + 1] == contexts.tokens[row].tolist()
+    for row in range(len(contexts)):
+        document = by_id[contexts.document_ids[row]]
+        assert contexts.sources[row] == document.source == contexts.document_ids[row].split(":")[0]
+        end = contexts.offsets[row] + len(" can")
+        assert document.text[contexts.offsets[row] : end] == " can"
+        # A collected target always ends a pre-token, so the text up to it tokenizes as the
+        # whole document does there.
+        assert gpt2_tok.encode(document.text[:end])[-11:] == contexts.tokens[row].tolist()
 
 
 def test_balancing_is_seeded_and_samples_without_replacement(
@@ -117,9 +125,9 @@ def test_balancing_is_seeded_and_samples_without_replacement(
     # The smaller class is kept whole; the larger one is a subset without repeats, in corpus order.
     assert first.tokens[per_class:].tolist() == scan.positive.tokens
     kept = list(
-        zip(first.document_ids[:per_class], first.positions[:per_class].tolist(), strict=True)
+        zip(first.document_ids[:per_class], first.offsets[:per_class].tolist(), strict=True)
     )
-    found = list(zip(scan.negative.document_ids, scan.negative.positions, strict=True))
+    found = list(zip(scan.negative.document_ids, scan.negative.offsets, strict=True))
     assert len(set(kept)) == per_class
     assert [found.index(k) for k in kept] == sorted(found.index(k) for k in kept)
 
@@ -162,3 +170,33 @@ def test_contexts_round_trip_through_parquet(
     assert table["text"].str.endswith(" can").all()
     assert set(table["class"]) == {"can", "can't"}
     assert (table.loc[table["label"], "next_text"] == "'t").all()
+
+
+def test_duplicates_are_dropped_and_counted(gpt2_tok: Any) -> None:
+    review = "one two three four five six seven eight nine ten: I can't, and you can go."
+    documents = [Document(f"d{i}", review, "s") for i in range(3)]
+    kept = scan_contexts(documents, gpt2_tok, min_per_class=10, progress=False)
+    assert (len(kept.positive), kept.positive.duplicates) == (1, 2)
+    assert (len(kept.negative), kept.negative.duplicates) == (1, 2)
+    everything = scan_contexts(
+        documents, gpt2_tok, min_per_class=10, drop_duplicates=False, progress=False
+    )
+    assert (len(everything.positive), everything.positive.duplicates) == (3, 0)
+
+
+def test_curly_apostrophes_count_when_normalised_and_are_reported(gpt2_tok: Any) -> None:
+    prefix = "one two three four five six seven eight nine ten eleven"
+    documents = [
+        Document("a", f"{prefix} I can\u2019t do it"),
+        Document("b", f"{prefix} we can't do it"),
+        Document("c", f"{prefix} they can go"),
+    ]
+    plain = scan_contexts(documents, gpt2_tok, min_per_class=10, progress=False)
+    assert len(plain.positive) == 1 and plain.spellings == {"'t": 1}
+    normalised = scan_contexts(
+        documents, gpt2_tok, min_per_class=10, normalize_apostrophes=True, progress=False
+    )
+    assert len(normalised.positive) == 2
+    assert normalised.spellings == {"\u2019t": 1, "'t": 1}
+    contexts = balance_contexts(normalised)
+    assert contexts.counts["positive_spellings"] == {"\u2019t": 1, "'t": 1}

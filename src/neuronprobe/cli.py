@@ -108,6 +108,17 @@ def _add_context_options(parser: argparse.ArgumentParser) -> None:
         default=defaults.device,
         help="auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps (default %(default)s)",
     )
+    parser.add_argument(
+        "--keep-duplicates",
+        action="store_false",
+        dest="drop_duplicates",
+        help="keep identical contexts (the notebook does); by default one of each is kept",
+    )
+    parser.add_argument(
+        "--normalize-apostrophes",
+        action="store_true",
+        help="read curly and other apostrophes as ' (can’t counts as can't); off by default",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars or stage messages")
 
 
@@ -219,6 +230,8 @@ def _run(args: argparse.Namespace) -> int:
         corpus=args.corpus,
         text_column=args.text_column,
         min_per_class=args.min_per_class,
+        drop_duplicates=args.drop_duplicates,
+        normalize_apostrophes=args.normalize_apostrophes,
         seed=args.seed,
         device=args.device,
         # `contexts` has no options for the later stages: their defaults are recorded.

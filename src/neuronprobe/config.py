@@ -35,6 +35,10 @@ class RunConfig:
         The two contexts to tell apart (default: `` can`` followed by ``'t`` or not).
     min_per_class:
         Stop scanning once both classes have this many contexts (the notebook: 500).
+    drop_duplicates:
+        Keep one of identical contexts within a class (the notebook keeps all).
+    normalize_apostrophes:
+        Read curly and other apostrophes as ``'`` (off, as the notebook).
     site:
         Where the neurons are read. ``mlp.pre``: the MLP expansion before its non-linearity
         (GPT-2 ``mlp.c_fc``, gated MLPs ``mlp.gate_proj``), the notebook's choice.
@@ -62,6 +66,8 @@ class RunConfig:
     text_column: str = "text"
     contrast: Contrast = field(default_factory=Contrast)
     min_per_class: int = 500
+    drop_duplicates: bool = True
+    normalize_apostrophes: bool = False
     site: str = "mlp.pre"
     layers: list[int] | None = None
     alpha: float = 0.1

@@ -8,12 +8,17 @@ tokens are one of the positive followers, *negative* ("can") when the next token
 space and is not the first token of an excluded word. Scanning stops, between documents, once
 both classes have ``min_per_class`` contexts; then both classes are sampled down to the size of
 the smaller one with the run's seed (the notebook's balancing step, without its ``randperm`` bug).
+Two options the notebook lacks: exact duplicate contexts are dropped (on by default), and curly
+apostrophes can be read as ``'`` (off by default). The tokenizing is done by
+:mod:`neuronprobe.scanner`, on windows around the target where that provably gives the
+whole-document tokens.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,6 +159,13 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
+#: Apostrophes that a tokenizer splits differently from "'" (the notebook's "FYI" cells):
+#: right and left single quotation marks, modifier letter apostrophe, prime, Armenian
+#: apostrophe, fullwidth apostrophe. Each is one character, so offsets do not move.
+APOSTROPHES = "\u2019\u2018\u02bc\u2032\u055a\uff07"
+_TO_ASCII_APOSTROPHE = str.maketrans(dict.fromkeys(APOSTROPHES, "'"))
+
+
 @dataclass
 class Contexts:
     """Balanced contexts of the two classes, negative class first (as the notebook's labels).
@@ -166,37 +178,60 @@ class Contexts:
         bool [contexts]; True = positive class ("can't").
     document_ids:
         [contexts] id of the document each context comes from.
-    positions:
-        int64 [contexts] index of the target token in its document's tokens.
+    sources:
+        [contexts] the part of the corpus that document comes from (``imdb``, a file, ...).
+    offsets:
+        int64 [contexts] character offset of the target's text in its document (-1 where a
+        slow tokenizer cannot say).
     next_tokens:
         int64 [contexts] the token that follows the target (not part of the context).
     counts:
-        Documents scanned, contexts found per class, contexts kept per class.
+        Documents scanned, contexts found and duplicates dropped per class, contexts kept per
+        class, and how many positive contexts each spelling of the follower gave.
     """
 
     tokens: np.ndarray
     labels: np.ndarray
     document_ids: list[str]
-    positions: np.ndarray
+    sources: list[str]
+    offsets: np.ndarray
     next_tokens: np.ndarray
-    counts: dict[str, int] = field(default_factory=dict)
+    counts: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
 
+_COLUMNS = ("tokens", "document_ids", "sources", "offsets", "next_tokens")
+
+
 @dataclass
 class _Found:
+    """The contexts of one class, in corpus order; exact duplicates are counted, not kept."""
+
+    drop_duplicates: bool = True
     tokens: list[list[int]] = field(default_factory=list)
     document_ids: list[str] = field(default_factory=list)
-    positions: list[int] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
     next_tokens: list[int] = field(default_factory=list)
+    duplicates: int = 0
+    _seen: set[tuple[int, ...]] = field(default_factory=set, repr=False)
 
-    def add(self, tokens: list[int], document_id: str, position: int, next_token: int) -> None:
+    def add(self, tokens: list[int], document: Document, offset: int, next_token: int) -> bool:
+        """Keep a context unless it repeats one already kept; say whether it was kept."""
+        if self.drop_duplicates:
+            key = tuple(tokens)
+            if key in self._seen:
+                self.duplicates += 1
+                return False
+            self._seen.add(key)
         self.tokens.append(tokens)
-        self.document_ids.append(document_id)
-        self.positions.append(position)
+        self.document_ids.append(document.id)
+        self.sources.append(document.source)
+        self.offsets.append(offset)
         self.next_tokens.append(next_token)
+        return True
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -204,11 +239,16 @@ class _Found:
 
 @dataclass
 class Scan:
-    """Every context found by :func:`scan_contexts`, per class, in corpus order (not balanced)."""
+    """Every context found by :func:`scan_contexts`, per class, in corpus order (not balanced).
+
+    ``spellings`` counts the kept positive contexts by the follower's text as written in the
+    document (``'t`` or ``’t`` ...): with apostrophe normalisation, each spelling's share.
+    """
 
     positive: _Found
     negative: _Found
     documents_scanned: int
+    spellings: Counter[str] = field(default_factory=Counter)
 
 
 def scan_contexts(
@@ -217,56 +257,105 @@ def scan_contexts(
     contrast: Contrast | None = None,
     *,
     min_per_class: int = 500,
+    drop_duplicates: bool = True,
+    normalize_apostrophes: bool = False,
     batch_documents: int = 256,
     progress: bool = True,
 ) -> Scan:
     """Scan documents in order until both classes have ``min_per_class`` contexts.
 
     The stopping rule is checked before each document, as the notebook's loop does, so the
-    document that crosses the line is scanned to its end.
+    document that crosses the line is scanned to its end. Duplicates do not count toward
+    ``min_per_class`` when they are dropped.
+
+    Parameters
+    ----------
+    drop_duplicates:
+        Keep only the first of identical contexts (same tokens) within a class; the corpora
+        repeat documents (IMDB holds duplicate reviews). The notebook keeps them.
+    normalize_apostrophes:
+        Read every apostrophe in :data:`APOSTROPHES` as ``'`` before tokenizing, so that
+        ``can’t`` counts as ``can't``. Off by default, as the notebook.
     """
     from tqdm.auto import tqdm
+
+    from neuronprobe.scanner import Hit, target_hits
 
     contrast = contrast or Contrast()
     ids = resolve_contrast(contrast, tokenizer)
     width = contrast.context_length
-    # Documents without the target's text cannot contain the target token; skip tokenizing them.
-    needle = contrast.target.strip() or contrast.target
+    after = max(len(sequence) for sequence in ids.positive_sequences)
+    follower_texts = {seq: tokenizer.decode(list(seq)) for seq in ids.positive_sequences}
     space_initial: dict[int, bool] = {}
 
-    scan = Scan(_Found(), _Found(), 0)
+    def text_of(document: Document) -> str:
+        if normalize_apostrophes:
+            return document.text.translate(_TO_ASCII_APOSTROPHE)
+        return document.text
+
+    def documents_with_hits() -> Iterator[tuple[Document, list[Hit]]]:
+        # Exactly the whole-document tokens' hits, from windows where that is provably the same
+        # (see neuronprobe.scanner); documents are handled in batches. Token indices are not
+        # needed (the character offset locates a context), which saves most of the work.
+        batch: list[Document] = []
+
+        def hits_of(batch: list[Document]) -> list[list[Hit]]:
+            texts = [text_of(doc) for doc in batch]
+            return target_hits(
+                texts, tokenizer, ids.target_id, contrast.target, width, after, with_index=False
+            )
+
+        for document in documents:
+            batch.append(document)
+            if len(batch) >= batch_documents:
+                yield from zip(batch, hits_of(batch), strict=True)
+                batch = []
+        if batch:
+            yield from zip(batch, hits_of(batch), strict=True)
+
+    scan = Scan(_Found(drop_duplicates), _Found(drop_duplicates), 0)
     bar = tqdm(desc="scanning documents", unit=" docs", disable=not progress, mininterval=0.5)
     try:
-        for document, doc_tokens in _tokenized(documents, tokenizer, needle, batch_documents):
+        for document, hits in documents_with_hits():
             if len(scan.positive) >= min_per_class and len(scan.negative) >= min_per_class:
                 break
             scan.documents_scanned += 1
             bar.update(1)
-            if doc_tokens is None:
-                continue
-            tokens = np.asarray(doc_tokens, dtype=np.int64)
-            last = len(tokens) - 1  # the notebook's range(context_pre, len(tokens) - 1)
-            hits = np.flatnonzero(tokens[width:last] == ids.target_id) + width
-            for ti in hits.tolist():
-                following = tokens[ti + 1 :]
-                next_token = int(following[0])
-                context = tokens[ti - width : ti + 1].tolist()
-                if any(_starts_with(following, seq) for seq in ids.positive_sequences):
-                    scan.positive.add(context, document.id, ti, next_token)
+            for hit in hits:
+                following = hit.following
+                next_token = following[0]
+                matched = next(
+                    (seq for seq in ids.positive_sequences if tuple(following[: len(seq)]) == seq),
+                    None,
+                )
+                if matched is not None:
+                    if scan.positive.add(hit.context, document, hit.offset, next_token):
+                        scan.spellings[
+                            _spelling(document.text, hit.offset, contrast, follower_texts[matched])
+                        ] += 1
                 elif next_token not in ids.excluded_ids and _space_initial(
                     tokenizer, next_token, space_initial
                 ):
-                    scan.negative.add(context, document.id, ti, next_token)
-            bar.set_postfix(
-                {
-                    contrast.positive_name: len(scan.positive),
-                    contrast.negative_name: len(scan.negative),
-                },
-                refresh=False,
-            )
+                    scan.negative.add(hit.context, document, hit.offset, next_token)
+            if hits:
+                bar.set_postfix(
+                    {
+                        contrast.positive_name: len(scan.positive),
+                        contrast.negative_name: len(scan.negative),
+                    },
+                    refresh=False,
+                )
     finally:
         bar.close()
     return scan
+
+
+def _spelling(text: str, offset: int, contrast: Contrast, follower: str) -> str:
+    """The follower as the document writes it (before any normalisation)."""
+    if offset < 0:
+        return follower
+    start = offset + len(contrast.target)
+    return text[start : start + len(follower)]
 
 
 def balance_contexts(scan: Scan, *, seed: int = 0) -> Contexts:
@@ -285,20 +374,24 @@ def balance_contexts(scan: Scan, *, seed: int = 0) -> Contexts:
 
     columns = {
         name: pick(scan.negative, keep_negative, name) + pick(scan.positive, keep_positive, name)
-        for name in ("tokens", "document_ids", "positions", "next_tokens")
+        for name in _COLUMNS
     }
     width = len(columns["tokens"][0]) if per_class else 0
     return Contexts(
         tokens=np.asarray(columns["tokens"], dtype=np.int64).reshape(2 * per_class, width),
         labels=np.repeat([False, True], per_class),
         document_ids=columns["document_ids"],
-        positions=np.asarray(columns["positions"], dtype=np.int64),
+        sources=columns["sources"],
+        offsets=np.asarray(columns["offsets"], dtype=np.int64),
         next_tokens=np.asarray(columns["next_tokens"], dtype=np.int64),
         counts={
             "documents_scanned": scan.documents_scanned,
             "found_positive": len(scan.positive),
             "found_negative": len(scan.negative),
+            "duplicates_dropped_positive": scan.positive.duplicates,
+            "duplicates_dropped_negative": scan.negative.duplicates,
             "kept_per_class": per_class,
+            "positive_spellings": dict(scan.spellings.most_common()),
         },
     )
 
@@ -310,6 +403,8 @@ def collect_contexts(
     *,
     min_per_class: int = 500,
     seed: int = 0,
+    drop_duplicates: bool = True,
+    normalize_apostrophes: bool = False,
     progress: bool = True,
 ) -> Contexts:
     """Find both classes of context in the documents and balance them: the stage's entry point.
@@ -327,6 +422,8 @@ def collect_contexts(
         Stop once both classes have at least this many contexts.
     seed:
         Seeds the sampling that balances the classes.
+    drop_duplicates, normalize_apostrophes:
+        See :func:`scan_contexts`.
 
     Returns
     -------
@@ -341,7 +438,13 @@ def collect_contexts(
     """
     contrast = contrast or Contrast()
     scan = scan_contexts(
-        documents, tokenizer, contrast, min_per_class=min_per_class, progress=progress
+        documents,
+        tokenizer,
+        contrast,
+        min_per_class=min_per_class,
+        drop_duplicates=drop_duplicates,
+        normalize_apostrophes=normalize_apostrophes,
+        progress=progress,
     )
     if len(scan.positive) < min_per_class or len(scan.negative) < min_per_class:
         raise NeuronprobeError(
@@ -352,19 +455,18 @@ def collect_contexts(
         )
     contexts = balance_contexts(scan, seed=seed)
     logger.info(
-        "scanned %d documents: %d %r and %d %r contexts; kept %d per class",
+        "scanned %d documents: %d %r and %d %r contexts (%d and %d duplicates dropped); "
+        "kept %d per class",
         scan.documents_scanned,
         len(scan.positive),
         contrast.positive_name,
         len(scan.negative),
         contrast.negative_name,
+        scan.positive.duplicates,
+        scan.negative.duplicates,
         contexts.counts["kept_per_class"],
     )
     return contexts
-
-
-def _starts_with(tokens: np.ndarray, sequence: tuple[int, ...]) -> bool:
-    return len(tokens) >= len(sequence) and tuple(tokens[: len(sequence)].tolist()) == sequence
 
 
 def _space_initial(tokenizer: Any, token: int, cache: dict[int, bool]) -> bool:
@@ -372,30 +474,6 @@ def _space_initial(tokenizer: Any, token: int, cache: dict[int, bool]) -> bool:
     if token not in cache:
         cache[token] = tokenizer.decode([token]).startswith(" ")
     return cache[token]
-
-
-def _tokenized(
-    documents: Iterable[Document], tokenizer: Any, needle: str, batch_size: int
-) -> Iterator[tuple[Document, list[int] | None]]:
-    """Yield each document with its tokens (None when it cannot hold the target), in order.
-
-    Documents are tokenized in batches, which the fast tokenizers parallelise.
-    """
-    batch: list[Document] = []
-
-    def flush() -> Iterator[tuple[Document, list[int] | None]]:
-        wanted = [doc.text for doc in batch if needle in doc.text]
-        encoded = iter(tokenizer(wanted, add_special_tokens=False)["input_ids"]) if wanted else None
-        for doc in batch:
-            yield doc, (next(encoded) if encoded is not None and needle in doc.text else None)
-        batch.clear()
-
-    for document in documents:
-        batch.append(document)
-        if len(batch) >= batch_size:
-            yield from flush()
-    if batch:
-        yield from flush()
 
 
 def save_contexts(contexts: Contexts, path: Path, tokenizer: Any, contrast: Contrast) -> None:
@@ -408,7 +486,8 @@ def save_contexts(contexts: Contexts, path: Path, tokenizer: Any, contrast: Cont
             "label": contexts.labels,
             "class": np.where(contexts.labels, contrast.positive_name, contrast.negative_name),
             "document_id": contexts.document_ids,
-            "position": contexts.positions,
+            "source": contexts.sources,
+            "offset": contexts.offsets,
             "tokens": list(contexts.tokens),
             "next_token": contexts.next_tokens,
             "text": tokenizer.batch_decode(contexts.tokens.tolist()),
@@ -428,6 +507,7 @@ def load_contexts(path: Path) -> Contexts:
         tokens=np.stack([np.asarray(t, dtype=np.int64) for t in table["tokens"]]),
         labels=table["label"].to_numpy(dtype=bool),
         document_ids=table["document_id"].astype(str).tolist(),
-        positions=table["position"].to_numpy(dtype=np.int64),
+        sources=table["source"].astype(str).tolist(),
+        offsets=table["offset"].to_numpy(dtype=np.int64),
         next_tokens=table["next_token"].to_numpy(dtype=np.int64),
     )

@@ -82,7 +82,16 @@ def versions() -> dict[str, str]:
 
 
 # Settings that decide which contexts a run collects: equal settings, reusable contexts.
-CONTEXT_SETTINGS = ("model", "corpus", "text_column", "contrast", "min_per_class", "seed")
+CONTEXT_SETTINGS = (
+    "model",
+    "corpus",
+    "text_column",
+    "contrast",
+    "min_per_class",
+    "drop_duplicates",
+    "normalize_apostrophes",
+    "seed",
+)
 
 
 def open_run_directory(out: Path, config: RunConfig, force: bool) -> dict[str, Any] | None:
@@ -243,6 +252,8 @@ def _run_stages(
                 config.contrast,
                 min_per_class=config.min_per_class,
                 seed=config.seed,
+                drop_duplicates=config.drop_duplicates,
+                normalize_apostrophes=config.normalize_apostrophes,
                 progress=progress,
             )
             save_contexts(contexts, directory / rundir.CONTEXTS, loaded.tokenizer, config.contrast)

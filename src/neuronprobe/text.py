@@ -90,10 +90,12 @@ _CHOICES = (
 
 @dataclass(frozen=True)
 class Document:
-    """One document of a corpus: a stable id (unique within the corpus) and its text."""
+    """One document of a corpus: a stable id (unique within the corpus), its text, and where in
+    the corpus it comes from (``imdb``, ``rotten_tomatoes``, a file's relative path, ...)."""
 
     id: str
     text: str
+    source: str = ""
 
 
 class Corpus(Protocol):
@@ -128,7 +130,9 @@ class MovieReviewsCorpus:
         table = pd.read_csv(self.path, usecols=["text", "source"], dtype=str)
         for row, (text, source) in enumerate(zip(table["text"], table["source"], strict=True)):
             if isinstance(text, str) and text:
-                yield Document(id=f"{source}:{row}", text=text.replace("<br />", "\n"))
+                yield Document(
+                    id=f"{source}:{row}", text=text.replace("<br />", "\n"), source=source
+                )
 
     def identity(self) -> dict[str, Any]:
         return {
@@ -204,7 +208,7 @@ class HFDatasetCorpus:
                 )
             text = sample[self.text_column]
             if isinstance(text, str) and text:
-                yield Document(id=f"{self.name}:{index}", text=text)
+                yield Document(id=f"{self.name}:{index}", text=text, source=self.name)
 
     def identity(self) -> dict[str, Any]:
         import datasets
@@ -244,7 +248,9 @@ class ChitchatCorpus:
                 if isinstance(message.get("text"), str) and message["text"]
             ]
             if texts:
-                yield Document(id=f"chitchat:{conversation_id}", text="\n".join(texts))
+                yield Document(
+                    id=f"chitchat:{conversation_id}", text="\n".join(texts), source="chitchat"
+                )
 
     def identity(self) -> dict[str, Any]:
         return {
@@ -364,7 +370,7 @@ def _jsonl_documents(lines: Iterator[str], label: str, rel: str, column: str) ->
             ) from None
         text = _record_text(record, column, f"{label} line {line_number}")
         if _keep(text):
-            yield Document(id=f"{rel}:{row}", text=str(text))
+            yield Document(id=f"{rel}:{row}", text=str(text), source=rel)
         row += 1
 
 
@@ -384,7 +390,7 @@ def _json_documents(stream: Any, label: str, rel: str, column: str) -> Iterator[
     for row, record in enumerate(records):
         text = _record_text(record, column, f"{label} record {row}")
         if _keep(text):
-            yield Document(id=f"{rel}:{row}", text=str(text))
+            yield Document(id=f"{rel}:{row}", text=str(text), source=rel)
 
 
 def _csv_documents(stream: Any, label: str, rel: str, column: str) -> Iterator[Document]:
@@ -403,7 +409,7 @@ def _csv_documents(stream: Any, label: str, rel: str, column: str) -> Iterator[D
                 continue
             text = fields[index] if index < len(fields) else ""
             if _keep(text):
-                yield Document(id=f"{rel}:{row}", text=text)
+                yield Document(id=f"{rel}:{row}", text=text, source=rel)
             row += 1
     except csv.Error as error:
         raise NeuronprobeError(
@@ -434,7 +440,7 @@ def _parquet_documents(path: Path, label: str, rel: str, column: str) -> Iterato
     for batch in parquet.iter_batches(batch_size=1024, columns=[column]):
         for text in batch.column(0).to_pylist():
             if _keep(text):
-                yield Document(id=f"{rel}:{row}", text=text)
+                yield Document(id=f"{rel}:{row}", text=text, source=rel)
             row += 1
 
 
@@ -453,7 +459,7 @@ def _file_documents(path: Path, rel: str, column: str) -> Iterator[Document]:
             if fmt == "txt":
                 text = stream.read()
                 if _keep(text):
-                    yield Document(id=rel, text=text)
+                    yield Document(id=rel, text=text, source=rel)
             elif fmt == "jsonl":
                 yield from _jsonl_documents(stream, label, rel, column)
             elif fmt == "json":
@@ -618,13 +624,13 @@ class StdinCorpus:
     def documents(self) -> Iterator[Document]:
         texts = self._json_lines()
         if texts is None:
-            yield Document(id="stdin", text=self._read())
+            yield Document(id="stdin", text=self._read(), source="stdin")
             return
         count = 0
         for row, text in enumerate(texts):
             if _keep(text):
                 count += 1
-                yield Document(id=f"stdin:{row}", text=str(text))
+                yield Document(id=f"stdin:{row}", text=str(text), source="stdin")
         if count == 0:
             raise NeuronprobeError(
                 f"standard input holds no documents (every {self.text_column!r} is empty); "

@@ -31,6 +31,7 @@ test: setup
 	$(BIN)/python -m pytest
 
 bench: setup
+	$(BIN)/python benchmarks/bench_contexts.py
 	$(BIN)/python benchmarks/bench_run.py
 
 clean:

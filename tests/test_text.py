@@ -413,3 +413,15 @@ def test_hf_dataset_offline_fails_with_a_clear_message() -> None:
     hub_reachable.cache_clear()
     with pytest.raises(NeuronprobeError, match=r"no-such/dataset.*hub.*not reachable"):
         list(itertools.islice(open_corpus("hf:no-such/dataset").documents(), 1))
+
+
+def test_hf_spec_streams_a_local_dataset_folder_with_load_dataset(tmp_path: Path) -> None:
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    rows = [{"text": "I can go"}, {"text": "you can't"}]
+    (folder / "part.jsonl").write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    corpus = open_corpus(f"hf:{folder}")
+    assert isinstance(corpus, HFDatasetCorpus)
+    documents = list(corpus.documents())
+    assert [d.text for d in documents] == ["I can go", "you can't"]
+    assert [d.id for d in documents] == [f"{folder}:0", f"{folder}:1"]

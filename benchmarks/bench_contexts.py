@@ -17,32 +17,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-
-def notebook_loop(texts: list[str], tokenizer: Any) -> tuple[list[list[int]], list[list[int]]]:
-    """The notebook's loop, verbatim, over every document (no stopping rule)."""
-    context_pre = 10
-    cantok = tokenizer.encode(" can")[0]
-    attok = tokenizer.encode("'t")[0]
-    excluded_following = [
-        tokenizer.encode(w)[0] for w in [" of", " with", " from", " in", " on", " for", " not"]
-    ]
-    cant_tokens: list[list[int]] = []
-    can_tokens: list[list[int]] = []
-    for text in texts:
-        tokens = tokenizer.encode(text)
-        for ti in range(context_pre, len(tokens) - 1):
-            if tokens[ti] == cantok:
-                if tokenizer.decode(tokens[ti + 1]).startswith(" "):
-                    if tokens[ti + 1] not in excluded_following:
-                        can_tokens.append(tokens[ti - context_pre : ti + 1])
-                if tokens[ti + 1] == attok:
-                    cant_tokens.append(tokens[ti - context_pre : ti + 1])
-    return can_tokens, cant_tokens
+# The notebook's loop and the GPT-2 tokenizer builder live with the tests.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from notebook import notebook_scan
 
 
 def load_tokenizer(name: str) -> Any:
     if name == "gpt2":
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
         from conftest import gpt2_tokenizer
 
         return gpt2_tokenizer()
@@ -69,7 +50,7 @@ def main() -> None:
     print(f"fast path available: {fast_path_available(tokenizer)}")
 
     start = time.perf_counter()
-    can, cant = notebook_loop(texts, tokenizer)
+    can, cant, _ = notebook_scan(texts, tokenizer)
     notebook_s = time.perf_counter() - start
 
     start = time.perf_counter()

@@ -17,12 +17,17 @@ Prints seconds per stage for each side and their ratio, measured in the same pro
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
+
+# The notebook's own context loop lives with the tests (tests/notebook.py).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from notebook import notebook_scan
 
 
 def notebook_method(neurons_per_layer: int | None) -> dict[str, float]:
@@ -42,25 +47,12 @@ def notebook_method(neurons_per_layer: int | None) -> dict[str, float]:
 
     # Part 1, as the notebook (its stopping rule: enough "can't").
     start = time.perf_counter()
-    context_pre, min_samplesize = 10, 500
-    cantok = tokenizer.encode(" can")[0]
-    attok = tokenizer.encode("'t")[0]
-    excluded_following = [
-        tokenizer.encode(w)[0] for w in [" of", " with", " from", " in", " on", " for", " not"]
-    ]
-    cant_tokens: list[list[int]] = []
-    can_tokens: list[list[int]] = []
-    for sample in open_corpus("movie-reviews").documents():
-        if len(cant_tokens) >= min_samplesize:
-            break
-        tokens = tokenizer.encode(sample.text)
-        for ti in range(context_pre, len(tokens) - 1):
-            if tokens[ti] == cantok:
-                if tokenizer.decode(tokens[ti + 1]).startswith(" "):
-                    if tokens[ti + 1] not in excluded_following:
-                        can_tokens.append(tokens[ti - context_pre : ti + 1])
-                if tokens[ti + 1] == attok:
-                    cant_tokens.append(tokens[ti - context_pre : ti + 1])
+    min_samplesize = 500
+    can_tokens, cant_tokens, _ = notebook_scan(
+        (sample.text for sample in open_corpus("movie-reviews").documents()),
+        tokenizer,
+        stop=lambda can, cant: cant >= min_samplesize,  # the notebook's rule
+    )
     min_n = min(len(can_tokens), len(cant_tokens))
     batch_can = torch.tensor(can_tokens)[torch.randperm(len(can_tokens))[:min_n]]
     batch_cant = torch.tensor(cant_tokens)[torch.randperm(len(cant_tokens))[:min_n]]

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from notebook import notebook_scan
 
 from neuronprobe.contexts import (
     Contrast,
@@ -20,33 +21,6 @@ from neuronprobe.contexts import (
 )
 from neuronprobe.errors import NeuronprobeError
 from neuronprobe.text import Document, open_corpus
-
-
-def notebook_scan(texts: list[str], tokenizer: Any, min_per_class: int) -> tuple[list, list, int]:
-    """The notebook's loop, verbatim but for the stopping rule (both classes, not only "can't")."""
-    context_pre = 10
-    cantok = tokenizer.encode(" can")[0]
-    attok = tokenizer.encode("'t")[0]
-    excluded_following = [
-        tokenizer.encode(word)[0]
-        for word in [" of", " with", " from", " in", " on", " for", " not"]
-    ]
-    cant_tokens: list[list[int]] = []
-    can_tokens: list[list[int]] = []
-    scanned = 0
-    for text in texts:
-        if len(cant_tokens) >= min_per_class and len(can_tokens) >= min_per_class:
-            break
-        scanned += 1
-        tokens = tokenizer.encode(text)
-        for ti in range(context_pre, len(tokens) - 1):
-            if tokens[ti] == cantok:
-                if tokenizer.decode(tokens[ti + 1]).startswith(" "):
-                    if tokens[ti + 1] not in excluded_following:
-                        can_tokens.append(tokens[ti - context_pre : ti + 1])
-                if tokens[ti + 1] == attok:
-                    cant_tokens.append(tokens[ti - context_pre : ti + 1])
-    return can_tokens, cant_tokens, scanned
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +39,7 @@ def test_scan_returns_exactly_the_notebook_contexts(
         gpt2_tok if tokenizer_name == "gpt2" else request.getfixturevalue("smollm2").tokenizer
     )
     documents = review_documents[:1500]
-    can, cant, scanned = notebook_scan([d.text for d in documents], tokenizer, min_per_class=10**9)
+    can, cant, scanned = notebook_scan([d.text for d in documents], tokenizer)
     scan = scan_contexts(
         documents, tokenizer, min_per_class=10**9, drop_duplicates=False, progress=False
     )
@@ -79,7 +53,9 @@ def test_scan_returns_exactly_the_notebook_contexts(
 def test_scan_stops_where_the_notebook_stops(
     review_documents: list[Document], gpt2_tok: Any
 ) -> None:
-    can, cant, scanned = notebook_scan([d.text for d in review_documents], gpt2_tok, 40)
+    can, cant, scanned = notebook_scan(
+        [d.text for d in review_documents], gpt2_tok, stop=lambda can, cant: min(can, cant) >= 40
+    )
     scan = scan_contexts(
         review_documents, gpt2_tok, min_per_class=40, drop_duplicates=False, progress=False
     )

@@ -6,7 +6,7 @@ import itertools
 from typing import Any
 
 import pytest
-from test_contexts import notebook_scan
+from notebook import notebook_scan
 
 from neuronprobe.contexts import scan_contexts
 from neuronprobe.scanner import _CHUNK, Hit, _TokenCounter, fast_path_available, target_hits
@@ -69,7 +69,7 @@ def test_scan_equals_the_notebook_on_thousands_of_reviews(
 ) -> None:
     tokenizer = _tokenizer(name, gpt2_tok, request)
     assert fast_path_available(tokenizer)
-    can, cant, scanned = notebook_scan(reviews, tokenizer, min_per_class=10**9)
+    can, cant, scanned = notebook_scan(reviews, tokenizer)
     documents = [Document(str(k), text) for k, text in enumerate(reviews)]
     scan = scan_contexts(
         documents, tokenizer, min_per_class=10**9, drop_duplicates=False, progress=False
@@ -115,7 +115,7 @@ def test_adversarial_documents_scan_like_the_notebook(
 ) -> None:
     tokenizer = _tokenizer(name, gpt2_tok, request)
     texts = ADVERSARIAL + [a + " " + b for a, b in itertools.combinations(ADVERSARIAL, 2)]
-    can, cant, _ = notebook_scan(texts, tokenizer, min_per_class=10**9)
+    can, cant, _ = notebook_scan(texts, tokenizer)
     documents = [Document(str(k), text) for k, text in enumerate(texts)]
     scan = scan_contexts(
         documents, tokenizer, min_per_class=10**9, drop_duplicates=False, progress=False

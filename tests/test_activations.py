@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from neuronprobe.activations import extract_activations, site_modules, site_width
+from neuronprobe.activations import SITES, extract_activations, hook_points, site_width
 from neuronprobe.errors import NeuronprobeError
 from neuronprobe.models import load_model
 
@@ -110,7 +110,7 @@ def test_other_architectures_map_mlp_pre(model_type: str, width: int) -> None:
     got = extract_activations(model, tokens, progress=False)
     assert got.shape == (2, 2, width)
     assert np.isfinite(got).all()
-    assert len(site_modules(model)) == 2
+    assert len(hook_points(model)) == 2
 
 
 def test_unsupported_architecture_and_bad_layers_are_clear_errors(tiny_gpt2_dir: Path) -> None:
@@ -133,3 +133,74 @@ def test_unsupported_architecture_and_bad_layers_are_clear_errors(tiny_gpt2_dir:
         extract_activations(model, random_contexts(100), layers=[4], progress=False)
     with pytest.raises(NeuronprobeError, match="unknown neuron site"):
         extract_activations(model, random_contexts(100), site="attn.out", progress=False)
+
+
+def test_gpt2_every_site_equals_its_block_recomputed(tiny_gpt2_dir: Path) -> None:
+    model = load_model(str(tiny_gpt2_dir), device="cpu").model
+    tokens = random_contexts(model.config.vocab_size, seed=5)
+    got = {
+        site: extract_activations(model, tokens, site=site, batch_size=4, progress=False)
+        for site in SITES
+    }
+    assert {site: got[site].shape[2] for site in SITES} == {
+        "mlp.pre": 256,
+        "mlp.post": 256,
+        "resid.post": 64,
+    }
+    assert {site: site_width(model, site) for site in SITES} == {
+        "mlp.pre": 256,
+        "mlp.post": 256,
+        "resid.post": 64,
+    }
+    ids = torch.as_tensor(tokens)
+    with torch.inference_mode():
+        hidden = model(ids, output_hidden_states=True).hidden_states
+        blocks = model.transformer.h
+        for layer, block in enumerate(blocks):
+            h = hidden[layer]
+            h = h + block.attn(block.ln_1(h))[0]
+            pre = block.mlp.c_fc(block.ln_2(h))  # [batch, pos, d_mlp]
+            post = block.mlp.act(pre)
+            resid = h + block.mlp.c_proj(post)  # [batch, pos, d_model]
+            for site, expected in (("mlp.pre", pre), ("mlp.post", post), ("resid.post", resid)):
+                np.testing.assert_allclose(
+                    got[site][layer], expected[:, -1].numpy(), rtol=1e-5, atol=1e-5
+                )
+            if layer < len(blocks) - 1:  # HF's last hidden state has ln_f applied
+                np.testing.assert_allclose(
+                    got["resid.post"][layer], hidden[layer + 1][:, -1].numpy(), rtol=1e-5, atol=1e-5
+                )
+
+
+def test_smollm2_mlp_post_and_resid_post(smollm2: Any) -> None:
+    model, tokenizer = smollm2.model, smollm2.tokenizer
+    texts = ["I just know that you can", "Well, I really can"]
+    tokens = np.array([tokenizer.encode(t, add_special_tokens=False)[-5:] for t in texts])
+    layers = [0, 14, 29]
+    post = extract_activations(model, tokens, layers=layers, site="mlp.post", progress=False)
+    resid = extract_activations(model, tokens, layers=layers, site="resid.post", progress=False)
+    assert post.shape == (3, 2, 1536) and resid.shape == (3, 2, 576)
+    mlp_inputs: dict[int, torch.Tensor] = {}
+    handles = [
+        model.model.layers[i].mlp.register_forward_pre_hook(
+            lambda _m, args, i=i: mlp_inputs.__setitem__(i, args[0][:, -1, :].clone())
+        )
+        for i in layers
+    ]
+    try:
+        with torch.inference_mode():
+            hidden = model(torch.as_tensor(tokens), output_hidden_states=True).hidden_states
+    finally:
+        for handle in handles:
+            handle.remove()
+    with torch.inference_mode():
+        for row, layer in enumerate(layers):
+            mlp = model.model.layers[layer].mlp
+            x = mlp_inputs[layer]
+            expected = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)  # [batch, d_mlp]
+            np.testing.assert_allclose(post[row], expected.numpy(), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(resid[0], hidden[1][:, -1].numpy(), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(resid[1], hidden[15][:, -1].numpy(), rtol=1e-4, atol=1e-4)
+        # The last hidden state HF returns is the final norm of the last block's output.
+        normed = model.model.norm(torch.as_tensor(resid[2]))
+        np.testing.assert_allclose(normed.numpy(), hidden[30][:, -1].numpy(), rtol=1e-4, atol=1e-4)

@@ -160,3 +160,19 @@ def test_bad_contrast_file_is_one_clear_line(tmp_path: Path) -> None:
     done = neuronprobe("contexts", "--contrast", str(bad), "--out", str(tmp_path / "o"))
     assert done.returncode == 2
     assert "unknown contrast key(s) ['followers']" in done.stderr
+
+
+def test_sites_lists_every_site_with_its_width(tiny_gpt2_dir: Path) -> None:
+    done = neuronprobe("sites", str(tiny_gpt2_dir))
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert "GPT2LMHeadModel (gpt2), 4 layers" in lines[0]
+    assert (
+        lines[2].split()[:2] == ["mlp.pre", "256"]
+        and "transformer.h.0.mlp.c_fc (output)" in lines[2]
+    )
+    assert (
+        lines[3].split()[:2] == ["mlp.post", "256"]
+        and "transformer.h.0.mlp.c_proj (input)" in lines[3]
+    )
+    assert lines[4].split()[:2] == ["resid.post", "64"] and "transformer.h.0 (output)" in lines[4]

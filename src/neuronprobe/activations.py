@@ -1,13 +1,19 @@
 """Stage 3, activations: read the neurons of every requested layer at the last token.
 
 Entry point: :func:`extract_activations` (model + token array -> float32
-``[layers, contexts, neurons]``). Neurons are read at a named *site*, the same name for
+``[layers, contexts, neurons]``). Neurons are read at a named *site*, the same names for
 every architecture:
 
-``mlp.pre``
-    The MLP's expansion before its non-linearity, shape ``[batch, pos, d_mlp]``: the output of
+``mlp.pre`` (default)
+    The MLP's expansion before its non-linearity, ``[batch, pos, d_mlp]``: the output of
     ``mlp.c_fc`` in GPT-2 (the notebook's hook), of ``mlp.gate_proj`` in gated MLPs (Llama,
     SmolLM2, Mistral, Qwen2, Gemma), of ``mlp.dense_h_to_4h`` in GPT-NeoX/Pythia.
+``mlp.post``
+    The input of the MLP's down projection, ``[batch, pos, d_mlp]``: GELU of ``c_fc`` in
+    GPT-2, ``act(gate_proj(x)) * up_proj(x)`` in gated MLPs.
+``resid.post``
+    The block's output hidden state (the residual stream after the layer), ``[batch, pos,
+    d_model]``.
 
 Only the last position is kept (the notebook stores all positions and then uses the last one),
 the forward pass stops right after the deepest requested layer (no later block, no logits),
@@ -18,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,29 +34,34 @@ from neuronprobe.errors import NeuronprobeError
 
 logger = logging.getLogger(__name__)
 
-SITES = ("mlp.pre",)
+SITES = ("mlp.pre", "mlp.post", "resid.post")
 
 
 @dataclass(frozen=True)
 class Architecture:
-    """Where one architecture keeps its blocks and each site's module.
+    """Where one architecture keeps its blocks and the modules the sites are read from.
 
     Attributes
     ----------
     blocks:
         Attribute path, from the ``*ForCausalLM`` model, of the list of transformer blocks.
-    mlp_pre:
-        Attribute path, from a block, of the module whose output is the ``mlp.pre`` site.
+    mlp_in:
+        Path, from a block, of the MLP's expansion: its output is ``mlp.pre``.
+    mlp_out:
+        Path, from a block, of the MLP's down projection: its input is ``mlp.post``.
     """
 
     blocks: str
-    mlp_pre: str
+    mlp_in: str
+    mlp_out: str
 
 
-_GATED = Architecture(blocks="model.layers", mlp_pre="mlp.gate_proj")
+_GATED = Architecture(blocks="model.layers", mlp_in="mlp.gate_proj", mlp_out="mlp.down_proj")
 ARCHITECTURES: dict[str, Architecture] = {
-    "gpt2": Architecture(blocks="transformer.h", mlp_pre="mlp.c_fc"),
-    "gpt_neox": Architecture(blocks="gpt_neox.layers", mlp_pre="mlp.dense_h_to_4h"),
+    "gpt2": Architecture(blocks="transformer.h", mlp_in="mlp.c_fc", mlp_out="mlp.c_proj"),
+    "gpt_neox": Architecture(
+        blocks="gpt_neox.layers", mlp_in="mlp.dense_h_to_4h", mlp_out="mlp.dense_4h_to_h"
+    ),
     "llama": _GATED,
     "mistral": _GATED,
     "qwen2": _GATED,
@@ -58,6 +69,26 @@ ARCHITECTURES: dict[str, Architecture] = {
     "gemma": _GATED,
     "gemma2": _GATED,
 }
+
+
+@dataclass(frozen=True)
+class HookPoint:
+    """Where one site of one layer is read: a module, and whether its input or its output."""
+
+    module: Any
+    name: str  # e.g. "model.layers.3.mlp.gate_proj"
+    reads: str  # "input" or "output"
+
+    def register(self, read: Callable[[Any], None]) -> Any:
+        """Call ``read`` with the site's tensor [batch, pos, width] on every forward pass."""
+        if self.reads == "input":
+            return self.module.register_forward_pre_hook(lambda _m, args: read(args[0]))
+
+        def on_output(_module: Any, _inputs: Any, output: Any) -> None:
+            # Blocks return a tuple (hidden states, ...) in some versions, a tensor in others.
+            read(output[0] if isinstance(output, tuple) else output)
+
+        return self.module.register_forward_hook(on_output)
 
 
 class _StopForward(Exception):
@@ -81,12 +112,24 @@ def _get(module: Any, path: str) -> Any:
     return module
 
 
-def site_modules(model: Any, site: str = "mlp.pre") -> list[Any]:
-    """The module of every layer whose forward output is ``site``, index = layer."""
+def hook_points(model: Any, site: str = "mlp.pre") -> list[HookPoint]:
+    """Where ``site`` is read in every layer; index = layer."""
     if site not in SITES:
         raise NeuronprobeError(f"unknown neuron site {site!r}; available: {', '.join(SITES)}.")
     architecture = architecture_of(model)
-    return [_get(block, architecture.mlp_pre) for block in _get(model, architecture.blocks)]
+    blocks = _get(model, architecture.blocks)
+    points = []
+    for layer, block in enumerate(blocks):
+        prefix = f"{architecture.blocks}.{layer}"
+        if site == "mlp.pre":
+            path, reads = architecture.mlp_in, "output"
+        elif site == "mlp.post":
+            path, reads = architecture.mlp_out, "input"
+        else:
+            path, reads = "", "output"
+        module = _get(block, path) if path else block
+        points.append(HookPoint(module, f"{prefix}.{path}" if path else prefix, reads))
+    return points
 
 
 def resolve_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
@@ -142,8 +185,8 @@ def extract_activations(
     import torch
     from tqdm.auto import tqdm
 
-    modules = site_modules(model, site)
-    chosen = resolve_layers(layers, len(modules))
+    points = hook_points(model, site)
+    chosen = resolve_layers(layers, len(points))
     tokens = np.asarray(tokens)
     if tokens.ndim != 2 or tokens.shape[0] == 0:
         raise NeuronprobeError(
@@ -155,16 +198,16 @@ def extract_activations(
     current: dict[int, Any] = {}  # layer -> [batch, d_mlp] of the batch being processed
     deepest = chosen[-1]
 
-    def hook_for(layer: int) -> Any:
-        def hook(_module: Any, _inputs: Any, output: Any) -> None:
-            # [batch, pos, d_mlp] -> [batch, d_mlp]; a copy, so the full output can be freed.
-            current[layer] = output[:, -1, :].clone()
+    def reader(layer: int) -> Callable[[Any], None]:
+        def read(values: Any) -> None:
+            # [batch, pos, width] -> [batch, width]; a copy, so the full tensor can be freed.
+            current[layer] = values[:, -1, :].clone()
             if layer == deepest:
                 raise _StopForward
 
-        return hook
+        return read
 
-    handles = [modules[layer].register_forward_hook(hook_for(layer)) for layer in chosen]
+    handles = [points[layer].register(reader(layer)) for layer in chosen]
     try:
         with (
             torch.inference_mode(),
@@ -193,8 +236,13 @@ def extract_activations(
 
 
 def site_width(model: Any, site: str = "mlp.pre") -> int:
-    """Neurons per layer at ``site`` (``d_mlp`` for the MLP sites)."""
-    module = site_modules(model, site)[0]
-    weight = module.weight
+    """Neurons per layer at ``site``: ``d_mlp`` for the MLP sites, ``d_model`` for ``resid.post``."""
+    point = hook_points(model, site)[0]
+    if site == "resid.post":
+        return int(model.config.hidden_size)
+    weight = point.module.weight
     # GPT-2's Conv1D stores [in, out]; nn.Linear stores [out, in].
-    return int(weight.shape[1] if type(module).__name__ == "Conv1D" else weight.shape[0])
+    in_features, out_features = (
+        weight.shape if type(point.module).__name__ == "Conv1D" else weight.shape[::-1]
+    )
+    return int(out_features if site == "mlp.pre" else in_features)

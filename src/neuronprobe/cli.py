@@ -169,6 +169,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=defaults.batch_size,
         help="contexts per forward pass (default %(default)s)",
     )
+    run.add_argument(
+        "--site",
+        default=defaults.site,
+        choices=["mlp.pre", "mlp.post", "resid.post"],
+        help="where neurons are read: mlp.pre (the MLP expansion before its non-linearity, "
+        "the notebook's), mlp.post (after it: the down projection's input) or resid.post "
+        "(the block's output) (default %(default)s)",
+    )
+    sites = commands.add_parser(
+        "sites",
+        help="list a model's neuron sites, layers and widths",
+        description="Load MODEL and list where each neuron site is read, with its width.",
+    )
+    sites.add_argument("model", help="smollm2-135m, a Hugging Face id, or a local folder")
     contexts = commands.add_parser(
         "contexts",
         help="collect the contexts only (contexts.parquet); `run` with the same --out reuses them",
@@ -182,14 +196,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``neuronprobe`` console script."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
+        level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
         format="neuronprobe: %(message)s",
     )
     # Libraries' own chatter (download retries, weight-loading bars) is not the user's business.
     for noisy in ("transformers", "huggingface_hub", "datasets", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
-        return _run(args)
+        return _sites(args) if args.command == "sites" else _run(args)
     except NeuronprobeError as error:
         print(f"neuronprobe: error: {error}", file=sys.stderr)
         return 2
@@ -222,6 +236,27 @@ def contrast_from_args(args: argparse.Namespace) -> Contrast:
     return contrast
 
 
+def _sites(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from neuronprobe.activations import SITES, hook_points, site_width
+    from neuronprobe.models import load_model
+
+    hf_logging.disable_progress_bar()
+    model = load_model(args.model, device="cpu").model
+    points = {site: hook_points(model, site) for site in SITES}
+    print(
+        f"{args.model}: {type(model).__name__} ({model.config.model_type}), "
+        f"{len(points['mlp.pre'])} layers"
+    )
+    print(f"{'site':<12}{'width':>7}  read from (layer 0)")
+    for site, layer_points in points.items():
+        first = layer_points[0]
+        default = "  [default]" if site == RunConfig().site else ""
+        print(f"{site:<12}{site_width(model, site):>7}  {first.name} ({first.reads}){default}")
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     defaults = RunConfig()
     config = RunConfig(
@@ -240,6 +275,7 @@ def _run(args: argparse.Namespace) -> int:
         alpha=getattr(args, "alpha", defaults.alpha),
         test_size=getattr(args, "test_size", defaults.test_size),
         batch_size=getattr(args, "batch_size", defaults.batch_size),
+        site=getattr(args, "site", defaults.site),
     )
     # Heavy imports only once the settings are known to be valid.
     from transformers.utils import logging as hf_logging

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from neuronprobe import rundir
-from neuronprobe.activations import extract_activations, resolve_layers, site_modules, site_width
+from neuronprobe.activations import extract_activations, hook_points, resolve_layers, site_width
 from neuronprobe.config import RunConfig
 from neuronprobe.contexts import collect_contexts, load_contexts, resolve_contrast, save_contexts
 from neuronprobe.errors import NeuronprobeError
@@ -221,7 +221,7 @@ def _run_stages(
     # The model before the scan: its tokenizer defines the contexts, and a bad --model fails fast.
     with stage("model"):
         loaded = load_model(config.model, device=config.device)
-        n_layers = len(site_modules(loaded.model, config.site))
+        n_layers = len(hook_points(loaded.model, config.site))
         layers = resolve_layers(config.layers, n_layers)
         if config.figure_layer not in layers:
             raise NeuronprobeError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -204,3 +205,89 @@ def test_smollm2_mlp_post_and_resid_post(smollm2: Any) -> None:
         # The last hidden state HF returns is the final norm of the last block's output.
         normed = model.model.norm(torch.as_tensor(resid[2]))
         np.testing.assert_allclose(normed.numpy(), hidden[30][:, -1].numpy(), rtol=1e-4, atol=1e-4)
+
+
+class _Interrupt:
+    """A forward hook that interrupts the pass after ``after`` calls, as Ctrl-C would."""
+
+    def __init__(self, after: int) -> None:
+        self.calls, self.after = 0, after
+
+    def __call__(self, *_: Any) -> None:
+        self.calls += 1
+        if self.calls > self.after:
+            raise KeyboardInterrupt
+
+
+def test_interrupted_extraction_resumes_where_it_stopped(
+    tiny_gpt2_dir: Path, tmp_path: Path
+) -> None:
+    from neuronprobe.activations import extract_to_file
+
+    loaded = load_model(str(tiny_gpt2_dir), device="cpu")
+    model = loaded.model
+    tokens = random_contexts(model.config.vocab_size, n=23, seed=9)
+    expected = extract_activations(model, tokens, batch_size=5, progress=False)
+    path = tmp_path / "activations.npy"
+    interrupt = _Interrupt(after=2)
+    handle = model.transformer.h[0].register_forward_hook(interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            extract_to_file(
+                model, tokens, path, identity=loaded.identity, batch_size=5, progress=False
+            )
+    finally:
+        handle.remove()
+    assert not path.exists()  # nothing finished-looking
+    assert json.loads((tmp_path / "activations.npy.progress.json").read_text())["done"] == 10
+    counter = _Interrupt(after=10**6)
+    handle = model.transformer.h[0].register_forward_hook(counter)
+    try:
+        got = extract_to_file(
+            model, tokens, path, identity=loaded.identity, batch_size=5, progress=False
+        )
+    finally:
+        handle.remove()
+    assert counter.calls == 3  # contexts 10-22 only: batches of 5, 5, 3
+    np.testing.assert_array_equal(np.asarray(got), expected)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["activations.json", "activations.npy"]
+
+
+def test_finished_activations_are_reused_only_for_the_same_key(
+    tiny_gpt2_dir: Path, tmp_path: Path
+) -> None:
+    from neuronprobe.activations import extract_to_file
+
+    loaded = load_model(str(tiny_gpt2_dir), device="cpu")
+    model = loaded.model
+    tokens = random_contexts(model.config.vocab_size, n=6, seed=2)
+    path = tmp_path / "activations.npy"
+    first = np.asarray(
+        extract_to_file(model, tokens, path, identity=loaded.identity, progress=False)
+    )
+    counter = _Interrupt(after=10**6)
+    handle = model.transformer.h[0].register_forward_hook(counter)
+    try:
+        again = extract_to_file(model, tokens, path, identity=loaded.identity, progress=False)
+        assert counter.calls == 0
+        np.testing.assert_array_equal(np.asarray(again), first)
+        other = extract_to_file(
+            model, tokens, path, identity=loaded.identity, site="resid.post", progress=False
+        )
+        assert counter.calls == 1 and other.shape == (4, 6, 64)
+        changed = tokens.copy()
+        changed[0, 0] += 1
+        extract_to_file(
+            model, changed, path, identity=loaded.identity, site="resid.post", progress=False
+        )
+        assert counter.calls == 2
+    finally:
+        handle.remove()
+
+
+def test_nan_activations_are_named_not_passed_on(tiny_gpt2_dir: Path) -> None:
+    model = load_model(str(tiny_gpt2_dir), device="cpu").model
+    with torch.no_grad():
+        model.transformer.h[1].mlp.c_fc.bias[7] = float("nan")
+    with pytest.raises(NeuronprobeError, match=r"layer 1 gave .*NaN or infinite.*neuron 7"):
+        extract_activations(model, random_contexts(model.config.vocab_size), progress=False)

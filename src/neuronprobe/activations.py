@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -157,6 +159,8 @@ def extract_activations(
     site: str = "mlp.pre",
     batch_size: int = 64,
     out: np.ndarray | None = None,
+    start: int = 0,
+    on_batch: Callable[[int], None] | None = None,
     progress: bool = True,
 ) -> np.ndarray:
     """Neuron activations at the last token of each context.
@@ -176,6 +180,10 @@ def extract_activations(
     out:
         Optional float32 array [layers, contexts, neurons] to fill (e.g. an ``np.memmap``);
         a new array is allocated when omitted.
+    start:
+        First context to compute; rows before it in ``out`` are taken as already done (resume).
+    on_batch:
+        Called with the number of contexts done after each batch is written into ``out``.
 
     Returns
     -------
@@ -194,6 +202,8 @@ def extract_activations(
         )
     device = next(model.parameters()).device
     n_contexts = tokens.shape[0]
+    if start and out is None:
+        raise ValueError("start > 0 resumes into `out`: pass the partly filled array")
 
     current: dict[int, Any] = {}  # layer -> [batch, d_mlp] of the batch being processed
     deepest = chosen[-1]
@@ -212,11 +222,15 @@ def extract_activations(
         with (
             torch.inference_mode(),
             tqdm(
-                total=n_contexts, desc="activations", unit=" contexts", disable=not progress
+                total=n_contexts,
+                initial=start,
+                desc="activations",
+                unit=" contexts",
+                disable=not progress,
             ) as bar,
         ):
-            for start in range(0, n_contexts, batch_size):
-                batch = torch.as_tensor(tokens[start : start + batch_size], device=device)
+            for first in range(start, n_contexts, batch_size):
+                batch = torch.as_tensor(tokens[first : first + batch_size], device=device)
                 current.clear()
                 with contextlib.suppress(_StopForward):
                     model(input_ids=batch, attention_mask=torch.ones_like(batch), use_cache=False)
@@ -224,15 +238,30 @@ def extract_activations(
                     width = current[deepest].shape[-1]
                     out = np.empty((len(chosen), n_contexts, width), dtype=np.float32)
                 for row, layer in enumerate(chosen):
-                    out[row, start : start + len(batch)] = (
-                        current[layer].to(torch.float32).cpu().numpy()
-                    )
+                    values = current[layer].to(torch.float32).cpu().numpy()  # [batch, width]
+                    _check_finite(values, layer, first)
+                    out[row, first : first + len(batch)] = values
                 bar.update(len(batch))
+                if on_batch is not None:
+                    on_batch(first + len(batch))
     finally:
         for handle in handles:
             handle.remove()
     assert out is not None
     return out
+
+
+def _check_finite(values: np.ndarray, layer: int, first: int) -> None:
+    """Refuse NaN or infinite activations, naming where they are."""
+    bad = ~np.isfinite(values)
+    if bad.any():
+        contexts, neurons = np.nonzero(bad)
+        raise NeuronprobeError(
+            f"layer {layer} gave {int(bad.sum())} NaN or infinite activations (first at context "
+            f"{first + int(contexts[0])}, neuron {int(neurons[0])}; neurons "
+            f"{sorted(set(neurons.tolist()))[:10]}); the model's weights or --dtype are unusable "
+            "here: try --dtype float32."
+        )
 
 
 def site_width(model: Any, site: str = "mlp.pre") -> int:
@@ -246,3 +275,92 @@ def site_width(model: Any, site: str = "mlp.pre") -> int:
         weight.shape if type(point.module).__name__ == "Conv1D" else weight.shape[::-1]
     )
     return int(out_features if site == "mlp.pre" else in_features)
+
+
+def extract_to_file(
+    model: Any,
+    tokens: np.ndarray,
+    path: Path,
+    *,
+    identity: dict[str, Any],
+    layers: Sequence[int] | None = None,
+    site: str = "mlp.pre",
+    batch_size: int = 64,
+    progress: bool = True,
+) -> np.ndarray:
+    """:func:`extract_activations` into ``path`` (``.npy``), resumable and reusable.
+
+    Batches are written into ``<path>.partial`` (a memory-mapped ``.npy``) and the number of
+    contexts done into ``<path>.progress.json`` after each one, so an interrupted extraction
+    (Ctrl-C, a kill) continues where it stopped; the finished array is renamed to ``path`` and
+    described in ``<path stem>.json``. A later call whose model identity, contexts, site and
+    layers are the same reuses the finished array, or the partial one.
+
+    Parameters
+    ----------
+    identity:
+        What identifies the model's weights (e.g. ``LoadedModel.identity``: GGUF or weight
+        hashes, hub revision); part of the key that decides reuse.
+
+    Returns
+    -------
+    np.ndarray
+        Read-only memory map, float32 [layers, contexts, neurons].
+    """
+    import hashlib
+
+    from neuronprobe.rundir import read_json, write_json
+
+    tokens = np.ascontiguousarray(np.asarray(tokens, dtype=np.int64))
+    chosen = resolve_layers(layers, len(hook_points(model, site)))
+    shape = (len(chosen), tokens.shape[0], site_width(model, site))
+    key = {
+        "model": {k: v for k, v in identity.items() if k not in ("device", "cache")},
+        "site": site,
+        "layers": chosen,
+        "tokens_sha256": hashlib.sha256(tokens.tobytes()).hexdigest(),
+        "shape": list(shape),
+    }
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    progress_file = path.with_name(path.name + ".progress.json")
+    described = path.with_suffix(".json")
+
+    def stored_key(file: Path) -> Any:
+        try:
+            return read_json(file).get("key")
+        except (OSError, ValueError):
+            return None
+
+    if path.is_file() and stored_key(described) == key:
+        logger.info("reusing the activations in %s", path)
+        return np.load(path, mmap_mode="r")
+    done = 0
+    if partial.is_file() and stored_key(progress_file) == key:
+        done = int(read_json(progress_file)["done"])
+        out = np.load(partial, mmap_mode="r+")
+        logger.info("resuming the activations at context %d of %d", done, shape[1])
+    else:
+        out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=shape)
+        write_json(progress_file, {"key": key, "done": 0})
+
+    def checkpoint(done: int) -> None:
+        out.flush()  # the rows first, then the count that says they are there
+        write_json(progress_file, {"key": key, "done": done})
+
+    extract_activations(
+        model,
+        tokens,
+        layers=chosen,
+        site=site,
+        batch_size=batch_size,
+        out=out,
+        start=done,
+        on_batch=checkpoint,
+        progress=progress,
+    )
+    out.flush()
+    os.replace(partial, path)
+    write_json(described, {"key": key, "axes": ["layer", "context", "neuron"]})
+    progress_file.unlink(missing_ok=True)
+    return np.load(path, mmap_mode="r")

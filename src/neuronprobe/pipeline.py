@@ -20,11 +20,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from neuronprobe import rundir
-from neuronprobe.activations import extract_activations, hook_points, resolve_layers, site_width
+from neuronprobe.activations import extract_to_file, hook_points, resolve_layers
 from neuronprobe.config import RunConfig
 from neuronprobe.contexts import collect_contexts, load_contexts, resolve_contrast, save_contexts
 from neuronprobe.errors import NeuronprobeError
@@ -265,23 +264,18 @@ def _run_stages(
         return _finish(directory, record)
 
     with stage("activations"):
-        shape = (len(layers), len(contexts), site_width(loaded.model, config.site))
-        with rundir.atomic_path(directory / rundir.ACTIVATIONS) as temporary:
-            activations = np.lib.format.open_memmap(
-                temporary, mode="w+", dtype=np.float32, shape=shape
-            )
-            extract_activations(
-                loaded.model,
-                contexts.tokens,
-                layers=layers,
-                site=config.site,
-                batch_size=config.batch_size,
-                out=activations,
-                progress=progress,
-            )
-            activations.flush()
-            del activations
-        activations = np.load(directory / rundir.ACTIVATIONS, mmap_mode="r")
+        activations = extract_to_file(
+            loaded.model,
+            contexts.tokens,
+            directory / rundir.ACTIVATIONS,
+            identity=loaded.identity,
+            layers=layers,
+            site=config.site,
+            batch_size=config.batch_size,
+            progress=progress,
+        )
+        shape = activations.shape
+    record["stages"]["activations"] = "complete"
     record["activations"] = {
         "file": rundir.ACTIVATIONS,
         "shape": list(shape),

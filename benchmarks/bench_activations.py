@@ -202,6 +202,8 @@ def main() -> None:
 
     tokens = collect_tokens(args.contexts)
     print(f"{len(tokens)} contexts of {tokens.shape[1]} tokens, model {MODEL}")
+    # Other processes on the same cores slow torch's threads down a lot: say how busy it was.
+    print(f"load average before the run: {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores)")
     results: dict[str, list[dict[str, Any]]] = {method: [] for method in METHODS}
     with tempfile.TemporaryDirectory() as name:
         folder = Path(name)

@@ -76,3 +76,41 @@ def test_unavailable_device_is_a_clear_error() -> None:
     with pytest.raises(NeuronprobeError, match="not a torch device"):
         resolve_device("gpu0")
     assert resolve_device("auto").type == "cpu"
+
+
+def test_a_gguf_file_path_loads_like_the_bundled_alias(smollm2: Any) -> None:
+    from neuronprobe.models import smollm2_gguf_path
+
+    loaded = load_model(str(smollm2_gguf_path()), device="cpu")
+    assert loaded.identity["gguf_sha256"] == smollm2.identity["gguf_sha256"]
+    assert loaded.identity["cache"] == smollm2.identity["cache"]  # one cached copy per file
+    first = next(iter(smollm2.model.state_dict().values()))
+    torch.testing.assert_close(next(iter(loaded.model.state_dict().values())), first)
+
+
+def test_a_file_that_is_not_gguf_is_a_clear_error(tmp_path: Path) -> None:
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"PK\x03\x04 not a gguf file")
+    with pytest.raises(NeuronprobeError, match=r"is not a GGUF file"):
+        load_model(str(fake), device="cpu")
+    with pytest.raises(NeuronprobeError, match=r"no such \.gguf file"):
+        load_model(str(tmp_path / "missing.gguf"), device="cpu")
+
+
+def test_dtype_sets_the_weights_and_activations_stay_float32(tiny_gpt2_dir: Path) -> None:
+    import numpy as np
+
+    from neuronprobe.activations import extract_activations
+
+    loaded = load_model(str(tiny_gpt2_dir), device="cpu", dtype="bfloat16")
+    assert next(loaded.model.parameters()).dtype == torch.bfloat16
+    assert loaded.identity["dtype"] == "bfloat16"
+    tokens = np.random.default_rng(0).integers(0, 1000, size=(3, 11))
+    half = extract_activations(loaded.model, tokens, progress=False)
+    full = extract_activations(
+        load_model(str(tiny_gpt2_dir), device="cpu").model, tokens, progress=False
+    )
+    assert half.dtype == np.float32
+    np.testing.assert_allclose(half, full, rtol=0.1, atol=0.1)  # bfloat16 keeps ~3 digits
+    with pytest.raises(NeuronprobeError, match="--dtype 'int8' is not one of"):
+        load_model(str(tiny_gpt2_dir), device="cpu", dtype="int8")

@@ -42,7 +42,7 @@ def _add_context_options(parser: argparse.ArgumentParser) -> None:
         "--model",
         default=defaults.model,
         help="smollm2-135m (bundled, default), a Hugging Face id such as "
-        "gpt2-medium, or a folder written by save_pretrained",
+        "gpt2-medium, a folder written by save_pretrained, or a .gguf file",
     )
     parser.add_argument(
         "--corpus",
@@ -107,6 +107,13 @@ def _add_context_options(parser: argparse.ArgumentParser) -> None:
         "--device",
         default=defaults.device,
         help="auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps (default %(default)s)",
+    )
+    parser.add_argument(
+        "--dtype",
+        default=defaults.dtype,
+        choices=["float32", "bfloat16", "float16"],
+        help="the model's weights (default %(default)s; bfloat16 halves GPU memory); "
+        "activations are stored as float32",
     )
     parser.add_argument(
         "--keep-duplicates",
@@ -182,7 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="list a model's neuron sites, layers and widths",
         description="Load MODEL and list where each neuron site is read, with its width.",
     )
-    sites.add_argument("model", help="smollm2-135m, a Hugging Face id, or a local folder")
+    sites.add_argument(
+        "model", help="smollm2-135m, a Hugging Face id, a local folder, or a .gguf file"
+    )
     contexts = commands.add_parser(
         "contexts",
         help="collect the contexts only (contexts.parquet); `run` with the same --out reuses them",
@@ -269,6 +278,7 @@ def _run(args: argparse.Namespace) -> int:
         normalize_apostrophes=args.normalize_apostrophes,
         seed=args.seed,
         device=args.device,
+        dtype=args.dtype,
         # `contexts` has no options for the later stages: their defaults are recorded.
         layers=getattr(args, "layers", defaults.layers),
         figure_layer=getattr(args, "figure_layer", defaults.figure_layer),

@@ -57,6 +57,9 @@ class RunConfig:
         Layer shown in the per-neuron figures (the notebook's ``whichLayer2use``).
     device:
         ``auto`` (cuda, then mps, then cpu), or a torch device string.
+    dtype:
+        The model's weights: ``float32`` (default), ``bfloat16`` or ``float16`` (GPU memory);
+        activations are stored as float32 either way.
     batch_size:
         Contexts per forward pass.
     """
@@ -76,6 +79,7 @@ class RunConfig:
     seed: int = 0
     figure_layer: int = 3
     device: str = "auto"
+    dtype: str = "float32"
     batch_size: int = 64
 
     def __post_init__(self) -> None:

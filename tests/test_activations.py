@@ -291,3 +291,45 @@ def test_nan_activations_are_named_not_passed_on(tiny_gpt2_dir: Path) -> None:
         model.transformer.h[1].mlp.c_fc.bias[7] = float("nan")
     with pytest.raises(NeuronprobeError, match=r"layer 1 gave .*NaN or infinite.*neuron 7"):
         extract_activations(model, random_contexts(model.config.vocab_size), progress=False)
+
+
+@pytest.mark.parametrize("model_name", ["gpt2", "smollm2"])
+def test_contexts_of_unequal_length_compute_what_they_compute_alone(
+    model_name: str, tiny_gpt2_dir: Path, request: pytest.FixtureRequest
+) -> None:
+    if model_name == "gpt2":
+        model = load_model(str(tiny_gpt2_dir), device="cpu").model
+    else:
+        model = request.getfixturevalue("smollm2").model
+    rng = np.random.default_rng(4)
+    rows = [rng.integers(0, 1000, size=n).tolist() for n in (11, 4, 7, 1, 9)]
+    layers = [0, 1]
+    for site in SITES:
+        padded = extract_activations(
+            model, rows, layers=layers, site=site, batch_size=5, progress=False
+        )
+        alone = np.stack(
+            [
+                extract_activations(model, [row], layers=layers, site=site, progress=False)[:, 0]
+                for row in rows
+            ],
+            axis=1,
+        )
+        np.testing.assert_allclose(padded, alone, rtol=1e-4, atol=1e-4)
+
+
+def test_position_picks_a_token_counted_from_the_end_or_the_start(tiny_gpt2_dir: Path) -> None:
+    model = load_model(str(tiny_gpt2_dir), device="cpu").model
+    rows = [[5, 6, 7, 8, 9], [10, 11, 12]]
+    before_last = extract_activations(model, rows, position=-2, progress=False)
+    truncated = extract_activations(model, [row[:-1] for row in rows], progress=False)
+    np.testing.assert_allclose(
+        before_last, truncated, rtol=1e-5, atol=1e-5
+    )  # causal: later tokens do not matter
+    first = extract_activations(model, rows, position=0, progress=False)
+    alone = extract_activations(model, [row[:1] for row in rows], progress=False)
+    np.testing.assert_allclose(first, alone, rtol=1e-5, atol=1e-5)
+    with pytest.raises(
+        NeuronprobeError, match=r"position 3 is outside the shortest context \(3 tokens\)"
+    ):
+        extract_activations(model, rows, position=3, progress=False)

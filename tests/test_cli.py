@@ -49,6 +49,7 @@ def test_run_succeeds_and_says_where_the_results_are(tiny_gpt2_dir: Path, tmp_pa
         (["--layers", "0,1", "--layer", "3"], "--layer 3 is not among the recorded layers"),
         (["--min-per-class", "1"], "--min-per-class must be at least 2"),
         (["--device", "tpu"], "--device 'tpu' is not a torch device"),
+        (["--position", "11"], "--position 11 is outside the 11-token contexts"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_exit_code_2(

@@ -151,30 +151,55 @@ def resolve_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
     return sorted(resolved)
 
 
+def _left_padded(rows: Sequence[Sequence[int]], device: Any) -> tuple[Any, Any, Any]:
+    """Left-pad token rows: (input_ids, attention_mask, position_ids), each [batch, pos].
+
+    Left padding puts every context's last token in the last column; the mask hides the pads
+    from attention and the position ids count from each context's own first token, so a
+    padded context computes what it computes alone.
+    """
+    import torch
+
+    length = max(len(row) for row in rows)
+    ids = torch.zeros((len(rows), length), dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if len(row):
+            ids[i, length - len(row) :] = torch.as_tensor(list(row), dtype=torch.long)
+            mask[i, length - len(row) :] = 1
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device), positions.to(device)
+
+
 def extract_activations(
     model: Any,
-    tokens: np.ndarray,
+    tokens: np.ndarray | Sequence[Sequence[int]],
     *,
     layers: Sequence[int] | None = None,
     site: str = "mlp.pre",
+    position: int = -1,
     batch_size: int = 64,
     out: np.ndarray | None = None,
     start: int = 0,
     on_batch: Callable[[int], None] | None = None,
     progress: bool = True,
 ) -> np.ndarray:
-    """Neuron activations at the last token of each context.
+    """Neuron activations at one token of each context (the last, by default).
 
     Parameters
     ----------
     model:
         A Hugging Face causal LM in eval mode (see :func:`neuronprobe.models.load_model`).
     tokens:
-        int [contexts, pos], contexts of equal length; the last column is the target token.
+        int [contexts, pos], or a list of token lists of unequal lengths (left-padded, with an
+        attention mask and position ids, so each context computes what it computes alone).
     layers:
         Layers to read (default all).
     site:
         Neuron site name (see the module docstring).
+    position:
+        Which token of each context: ``-1`` the last (the target), ``-2`` the one before...;
+        ``0`` and up count from each context's first token.
     batch_size:
         Contexts per forward pass.
     out:
@@ -195,13 +220,17 @@ def extract_activations(
 
     points = hook_points(model, site)
     chosen = resolve_layers(layers, len(points))
-    tokens = np.asarray(tokens)
-    if tokens.ndim != 2 or tokens.shape[0] == 0:
+    rows = [list(map(int, row)) for row in tokens]
+    if not rows or not all(rows):
+        raise NeuronprobeError("tokens must be a non-empty list of non-empty contexts.")
+    shortest = min(len(row) for row in rows)
+    if not -shortest <= position < shortest:
         raise NeuronprobeError(
-            f"tokens must be a non-empty [contexts, pos] array, got {tokens.shape}."
+            f"position {position} is outside the shortest context ({shortest} tokens); use "
+            f"-{shortest} to {shortest - 1} (-1 = the last token)."
         )
     device = next(model.parameters()).device
-    n_contexts = tokens.shape[0]
+    n_contexts = len(rows)
     if start and out is None:
         raise ValueError("start > 0 resumes into `out`: pass the partly filled array")
 
@@ -211,7 +240,7 @@ def extract_activations(
     def reader(layer: int) -> Callable[[Any], None]:
         def read(values: Any) -> None:
             # [batch, pos, width] -> [batch, width]; a copy, so the full tensor can be freed.
-            current[layer] = values[:, -1, :].clone()
+            current[layer] = values[rows_index, columns, :].clone()
             if layer == deepest:
                 raise _StopForward
 
@@ -230,20 +259,31 @@ def extract_activations(
             ) as bar,
         ):
             for first in range(start, n_contexts, batch_size):
-                batch = torch.as_tensor(tokens[first : first + batch_size], device=device)
+                chunk = rows[first : first + batch_size]
+                batch, mask, position_ids = _left_padded(chunk, device)
+                padded = batch.shape[1]
+                lengths = torch.as_tensor([len(row) for row in chunk], device=device)
+                # The wanted token's column: from the end, or from each context's own start.
+                columns = (padded + position) if position < 0 else (padded - lengths + position)
+                rows_index = torch.arange(len(chunk), device=device)
                 current.clear()
                 with contextlib.suppress(_StopForward):
-                    model(input_ids=batch, attention_mask=torch.ones_like(batch), use_cache=False)
+                    model(
+                        input_ids=batch,
+                        attention_mask=mask,
+                        position_ids=position_ids,
+                        use_cache=False,
+                    )
                 if out is None:
                     width = current[deepest].shape[-1]
                     out = np.empty((len(chosen), n_contexts, width), dtype=np.float32)
                 for row, layer in enumerate(chosen):
                     values = current[layer].to(torch.float32).cpu().numpy()  # [batch, width]
                     _check_finite(values, layer, first)
-                    out[row, first : first + len(batch)] = values
-                bar.update(len(batch))
+                    out[row, first : first + len(chunk)] = values
+                bar.update(len(chunk))
                 if on_batch is not None:
-                    on_batch(first + len(batch))
+                    on_batch(first + len(chunk))
     finally:
         for handle in handles:
             handle.remove()
@@ -285,6 +325,7 @@ def extract_to_file(
     identity: dict[str, Any],
     layers: Sequence[int] | None = None,
     site: str = "mlp.pre",
+    position: int = -1,
     batch_size: int = 64,
     progress: bool = True,
 ) -> np.ndarray:
@@ -317,6 +358,7 @@ def extract_to_file(
     key = {
         "model": {k: v for k, v in identity.items() if k not in ("device", "cache")},
         "site": site,
+        "position": position,
         "layers": chosen,
         "tokens_sha256": hashlib.sha256(tokens.tobytes()).hexdigest(),
         "shape": list(shape),
@@ -353,6 +395,7 @@ def extract_to_file(
         tokens,
         layers=chosen,
         site=site,
+        position=position,
         batch_size=batch_size,
         out=out,
         start=done,

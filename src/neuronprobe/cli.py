@@ -184,6 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
         "the notebook's), mlp.post (after it: the down projection's input) or resid.post "
         "(the block's output) (default %(default)s)",
     )
+    run.add_argument(
+        "--position",
+        type=int,
+        default=defaults.position,
+        help="token of each context to read: -1 the last, the target (default); -2 the one "
+        "before; 0 the first",
+    )
     sites = commands.add_parser(
         "sites",
         help="list a model's neuron sites, layers and widths",
@@ -286,6 +293,7 @@ def _run(args: argparse.Namespace) -> int:
         test_size=getattr(args, "test_size", defaults.test_size),
         batch_size=getattr(args, "batch_size", defaults.batch_size),
         site=getattr(args, "site", defaults.site),
+        position=getattr(args, "position", defaults.position),
     )
     # Heavy imports only once the settings are known to be valid.
     from transformers.utils import logging as hf_logging

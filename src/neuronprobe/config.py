@@ -44,6 +44,9 @@ class RunConfig:
         (GPT-2 ``mlp.c_fc``, gated MLPs ``mlp.gate_proj``), the notebook's choice.
     layers:
         Layers to record; ``None`` means all.
+    position:
+        Token of each context whose neurons are read: ``-1`` the last (the target, the
+        notebook's), ``-2`` the one before, ``0`` the first...
     alpha:
         L1 penalty of each neuron's logistic regression (statsmodels' ``alpha``).
     test_size:
@@ -73,6 +76,7 @@ class RunConfig:
     normalize_apostrophes: bool = False
     site: str = "mlp.pre"
     layers: list[int] | None = None
+    position: int = -1
     alpha: float = 0.1
     test_size: float = 0.2
     significance: float = 0.05

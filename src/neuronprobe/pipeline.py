@@ -227,6 +227,12 @@ def _run_stages(
                 f"--layer {config.figure_layer} is not among the recorded layers {layers}; "
                 "choose one of them for the per-neuron figures."
             )
+        length = config.contrast.context_length + 1
+        if not -length <= config.position < length:
+            raise NeuronprobeError(
+                f"--position {config.position} is outside the {length}-token contexts; use "
+                f"-{length} to {length - 1} (-1 = the target)."
+            )
         contrast_ids = resolve_contrast(config.contrast, loaded.tokenizer)
     record["model"] = loaded.identity
     record["contrast"] = {
@@ -271,6 +277,7 @@ def _run_stages(
             identity=loaded.identity,
             layers=layers,
             site=config.site,
+            position=config.position,
             batch_size=config.batch_size,
             progress=progress,
         )
@@ -283,7 +290,7 @@ def _run_stages(
         "axes": ["layer", "context", "neuron"],
         "layers": layers,
         "site": config.site,
-        "position": "last token (the target)",
+        "position": config.position,
     }
 
     with stage("statistics"):

@@ -176,7 +176,8 @@ def run(
     timings: dict[str, float] = {}
     record: dict[str, Any] = {
         "status": "running",
-        "stages": {},
+        # Reused contexts stay marked complete, so a resumed run can itself be resumed.
+        "stages": {"contexts": "complete"} if earlier else {},
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
         "config": config.to_dict(),
         "seed": config.seed,

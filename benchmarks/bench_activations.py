@@ -55,11 +55,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+# The notebook's own code lives with the tests (tests/notebook.py).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from notebook import notebook_activations
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -96,26 +99,7 @@ def notebook_extract(model: Any, tokens: np.ndarray) -> tuple[np.ndarray, int, f
     batch_cant = torch.tensor(tokens[half:])
 
     start = time.perf_counter()
-    activations: dict[str, np.ndarray] = {}
-
-    def implant_hook(layer_number: int) -> Callable[[Any, Any, Any], None]:
-        def hook(module: Any, input: Any, output: Any) -> None:
-            activations[f"mlp_{layer_number}"] = output.detach().cpu().numpy()
-
-        return hook
-
-    handles = [
-        layer.mlp.gate_proj.register_forward_hook(implant_hook(i))
-        for i, layer in enumerate(model.model.layers)
-    ]
-    with torch.no_grad():
-        model(batch_can)
-    can_activations = activations.copy()
-    with torch.no_grad():
-        model(batch_cant)
-    cant_activations = activations.copy()
-    for handle in handles:
-        handle.remove()
+    can_activations, cant_activations = notebook_activations(model, batch_can, batch_cant)
     seconds = time.perf_counter() - start
 
     kept = sum(a.nbytes for a in can_activations.values()) + sum(

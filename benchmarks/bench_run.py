@@ -27,7 +27,7 @@ import numpy as np
 
 # The notebook's own context loop lives with the tests (tests/notebook.py).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from notebook import notebook_scan
+from notebook import notebook_activations, notebook_scan
 
 
 def notebook_method(neurons_per_layer: int | None) -> dict[str, float]:
@@ -60,26 +60,7 @@ def notebook_method(neurons_per_layer: int | None) -> dict[str, float]:
 
     # Part 2: hooks keep all positions; a full forward pass per class.
     start = time.perf_counter()
-    activations: dict[str, np.ndarray] = {}
-
-    def implant_hook(layer_number: int):  # type: ignore[no-untyped-def]
-        def hook(module, input, output):  # type: ignore[no-untyped-def]
-            activations[f"mlp_{layer_number}"] = output.detach().cpu().numpy()
-
-        return hook
-
-    handles = [
-        layer.mlp.gate_proj.register_forward_hook(implant_hook(i))
-        for i, layer in enumerate(model.model.layers)
-    ]
-    with torch.no_grad():
-        model(batch_can)
-    can_activations = activations.copy()
-    with torch.no_grad():
-        model(batch_cant)
-    cant_activations = activations.copy()
-    for handle in handles:
-        handle.remove()
+    can_activations, cant_activations = notebook_activations(model, batch_can, batch_cant)
     kept_mb = sum(a.nbytes for a in can_activations.values()) * 2 / 2**20
     seconds["activations"] = time.perf_counter() - start
 

@@ -41,3 +41,35 @@ def notebook_scan(
                 if tokens[ti + 1] == attok:
                     cant_tokens.append(tokens[ti - context_pre : ti + 1])
     return can_tokens, cant_tokens, scanned
+
+
+def notebook_activations(
+    model: Any, batch_can: Any, batch_cant: Any
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The notebook's part 2 on a gated-MLP model (SmolLM2): hooks on every layer's
+    ``mlp.gate_proj`` (GPT-2's ``mlp.c_fc``) keep ALL positions, one full forward pass per
+    class batch. Returns (can_activations, cant_activations): ``mlp_{layer}`` -> [batch, pos,
+    d_mlp] numpy arrays."""
+    import torch
+
+    activations: dict[str, Any] = {}
+
+    def implant_hook(layer_number: int) -> Callable[[Any, Any, Any], None]:
+        def hook(module: Any, input: Any, output: Any) -> None:
+            activations[f"mlp_{layer_number}"] = output.detach().cpu().numpy()
+
+        return hook
+
+    handles = [
+        layer.mlp.gate_proj.register_forward_hook(implant_hook(i))
+        for i, layer in enumerate(model.model.layers)
+    ]
+    with torch.no_grad():
+        model(batch_can)
+    can_activations = activations.copy()
+    with torch.no_grad():
+        model(batch_cant)
+    cant_activations = activations.copy()
+    for handle in handles:
+        handle.remove()
+    return can_activations, cant_activations

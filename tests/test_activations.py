@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -207,6 +209,16 @@ def test_smollm2_mlp_post_and_resid_post(smollm2: Any) -> None:
         np.testing.assert_allclose(normed.numpy(), hidden[30][:, -1].numpy(), rtol=1e-4, atol=1e-4)
 
 
+@contextlib.contextmanager
+def hooked(module: Any, hook: Any) -> Iterator[None]:
+    """``hook`` registered as a forward hook of ``module`` for the block's duration."""
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 class _Interrupt:
     """A forward hook that interrupts the pass after ``after`` calls, as Ctrl-C would."""
 
@@ -229,25 +241,15 @@ def test_interrupted_extraction_resumes_where_it_stopped(
     tokens = random_contexts(model.config.vocab_size, n=23, seed=9)
     expected = extract_activations(model, tokens, batch_size=5, progress=False)
     path = tmp_path / "activations.npy"
-    interrupt = _Interrupt(after=2)
-    handle = model.transformer.h[0].register_forward_hook(interrupt)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            extract_to_file(
-                model, tokens, path, identity=loaded.identity, batch_size=5, progress=False
-            )
-    finally:
-        handle.remove()
+    with hooked(model.transformer.h[0], _Interrupt(after=2)), pytest.raises(KeyboardInterrupt):
+        extract_to_file(model, tokens, path, identity=loaded.identity, batch_size=5, progress=False)
     assert not path.exists()  # nothing finished-looking
     assert json.loads((tmp_path / "activations.npy.progress.json").read_text())["done"] == 10
     counter = _Interrupt(after=10**6)
-    handle = model.transformer.h[0].register_forward_hook(counter)
-    try:
+    with hooked(model.transformer.h[0], counter):
         got = extract_to_file(
             model, tokens, path, identity=loaded.identity, batch_size=5, progress=False
         )
-    finally:
-        handle.remove()
     assert counter.calls == 3  # contexts 10-22 only: batches of 5, 5, 3
     np.testing.assert_array_equal(np.asarray(got), expected)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["activations.json", "activations.npy"]
@@ -266,8 +268,7 @@ def test_finished_activations_are_reused_only_for_the_same_key(
         extract_to_file(model, tokens, path, identity=loaded.identity, progress=False)
     )
     counter = _Interrupt(after=10**6)
-    handle = model.transformer.h[0].register_forward_hook(counter)
-    try:
+    with hooked(model.transformer.h[0], counter):
         again = extract_to_file(model, tokens, path, identity=loaded.identity, progress=False)
         assert counter.calls == 0
         np.testing.assert_array_equal(np.asarray(again), first)
@@ -281,8 +282,6 @@ def test_finished_activations_are_reused_only_for_the_same_key(
             model, changed, path, identity=loaded.identity, site="resid.post", progress=False
         )
         assert counter.calls == 2
-    finally:
-        handle.remove()
 
 
 def test_nan_activations_are_named_not_passed_on(tiny_gpt2_dir: Path) -> None:

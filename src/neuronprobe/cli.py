@@ -13,9 +13,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from neuronprobe import __version__
+from neuronprobe.activations import SITES
 from neuronprobe.config import RunConfig
 from neuronprobe.contexts import Contrast
 from neuronprobe.errors import NeuronprobeError
+from neuronprobe.models import DTYPES
 
 logger = logging.getLogger("neuronprobe")
 
@@ -111,7 +113,7 @@ def _add_context_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype",
         default=defaults.dtype,
-        choices=["float32", "bfloat16", "float16"],
+        choices=DTYPES,
         help="the model's weights (default %(default)s; bfloat16 halves GPU memory); "
         "activations are stored as float32",
     )
@@ -179,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--site",
         default=defaults.site,
-        choices=["mlp.pre", "mlp.post", "resid.post"],
+        choices=SITES,
         help="where neurons are read: mlp.pre (the MLP expansion before its non-linearity, "
         "the notebook's), mlp.post (after it: the down projection's input) or resid.post "
         "(the block's output) (default %(default)s)",

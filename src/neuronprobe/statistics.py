@@ -1,4 +1,4 @@
-"""Per-neuron L1-penalised logistic regressions (the notebook's probe statistics).
+"""Stage 4, statistics: one logistic regression per neuron, and the multiple-comparison decision.
 
 For every neuron (a column of an activation matrix) the notebook fits::
 
@@ -13,47 +13,66 @@ i.e. it minimises, over the intercept ``b0`` and the slope ``b1``,
     F(b) = -\\ell(b) + \\alpha (|b_0| + |b_1|), \\qquad
     -\\ell(b) = \\sum_i \\operatorname{softplus}(b_0 + b_1 x_i) - y_i (b_0 + b_1 x_i)
 
-on the training contexts (the intercept is penalised too).  This module computes the *true*
-optimum of that objective for all neurons at once (``engine="fast"``, a vectorised proximal
-Newton method in torch float64), or runs the notebook's statsmodels call neuron by neuron
-(``engine="statsmodels"``) on the same shared split.
+on the training contexts (the intercept is penalised too).  :func:`fit_neuron_logits` computes
+the *true* optimum of that objective for all neurons, on one seeded split shared by all of them,
+with three interchangeable engines:
+
+* ``"fast"``: the compiled CPU kernel of :mod:`neuronprobe.logit_kernel` (numpy input or CPU
+  tensors), or the batched torch solver of :mod:`neuronprobe.logit_torch` for CUDA tensors;
+* ``"torch"``: the torch solver on the tensor's device, whatever it is;
+* ``"statsmodels"``: the notebook's own call, neuron by neuron, in parallel processes
+  (:mod:`neuronprobe.logit_reference`), for parity checks.
+
+Beside the notebook's quantities (slope, intercept, Wald p-value, accuracies) every neuron gets
+a likelihood-ratio p-value (the unpenalised one-neuron logit against the intercept-only model,
+valid under separation where the Wald test is not), the held-out ROC AUC of its probe, a
+``separated`` flag, optionally k-fold cross-validated accuracy and a shuffled-label control.
+:func:`adjust_pvalues` applies the multiple-comparison corrections.
 
 Standard errors follow statsmodels: the unscaled Logit Hessian ``X' W X`` (``W = p (1 - p)``) at
 the solution, restricted to the non-zero coefficients and inverted; the slope's Wald p-value is
 ``2 * Phi(-|b1 / se|)``, NaN where the slope is zero.
+
+References: Wilks, "The large-sample distribution of the likelihood ratio for testing
+composite hypotheses", Ann. Math. Statist. 9 (1938); Benjamini and Hochberg, "Controlling the
+false discovery rate", JRSS B 57 (1995); Hewitt and Liang, "Designing and interpreting probes
+with control tasks", EMNLP 2019 (the shuffled-label control).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import warnings
-from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from scipy import stats
 
 from neuronprobe.errors import NeuronprobeError
 
-__all__ = ["FitInputError", "NeuronFits", "fit_neuron_logits", "stratified_train_mask"]
+__all__ = [
+    "CORRECTIONS",
+    "ENGINES",
+    "TESTS",
+    "FitInputError",
+    "NeuronFits",
+    "adjust_pvalues",
+    "cv_folds",
+    "fit_neuron_logits",
+    "stratified_train_mask",
+]
 
 logger = logging.getLogger(__name__)
 
-_EPS = float(np.finfo(np.float64).eps)
-#: Armijo sufficient-decrease constant of the line search.
-_ARMIJO = 1e-4
-#: Maximum number of step halvings in one line search.
-_MAX_HALVINGS = 60
-#: Values above this are returned unchanged by softplus (error < exp(-40) ~ 4e-18).
-_SOFTPLUS_THRESHOLD = 40.0
-#: Rough count of [neurons, contexts] float64 work arrays alive at once in the solver.
-_WORK_ARRAYS = 10
+#: Engines of :func:`fit_neuron_logits`.
+ENGINES = ("fast", "torch", "statsmodels")
+#: Multiple-comparison corrections of :func:`adjust_pvalues`.
+CORRECTIONS = ("bonferroni-layer", "bonferroni", "fdr-bh")
+#: Which p-value decides significance: the notebook's Wald test or the likelihood ratio.
+TESTS = ("wald", "lr")
 
 
 class FitInputError(NeuronprobeError, ValueError):
@@ -62,7 +81,7 @@ class FitInputError(NeuronprobeError, ValueError):
 
 @dataclass(frozen=True)
 class NeuronFits:
-    """Per-neuron results of the one-feature L1 logistic regressions.
+    """Per-neuron results of the one-feature logistic regressions.
 
     Every per-neuron array is shaped like the activations without the contexts axis:
     ``[neurons]`` for 2-D activations ``[contexts, neurons]`` or ``[layers, neurons]`` for
@@ -71,42 +90,71 @@ class NeuronFits:
     Attributes
     ----------
     beta : np.ndarray
-        float64 slope ``b1``; exactly 0.0 where the optimum's slope is 0.
+        float64 slope ``b1`` of the L1 fit; exactly 0.0 where the optimum's slope is 0.
     intercept : np.ndarray
         float64 intercept ``b0`` (penalised, like statsmodels' ``add_constant`` column).
     beta_se : np.ndarray
-        float64 standard error of the slope, NaN where ``beta == 0`` (statsmodels engine: also
-        where statsmodels' Hessian at its stopping point was singular).
+        float64 standard error of the slope (statsmodels' formula), NaN where ``beta == 0``.
     pvalue : np.ndarray
-        float64 two-sided Wald p-value of the slope (statsmodels' normal formula), NaN where
-        ``beta == 0``.
-    train_acc : np.ndarray
-        float64 percent of training contexts classified correctly, predicting positive where
-        ``b0 + b1 * x > 0`` (the notebook's ``predict(X) > .5``).
-    test_acc : np.ndarray
-        float64 percent of held-out contexts classified correctly (NaN if there are none).
+        float64 two-sided Wald p-value of the slope, NaN where ``beta == 0`` (the notebook's).
+    pvalue_lr : np.ndarray
+        float64 likelihood-ratio p-value: ``chi2(1).sf(2*(loglik_1 - loglik_0))`` for the
+        *unpenalised* logit ``y ~ 1 + x`` against ``y ~ 1`` on the training contexts.  Valid
+        under separation (the maximised log-likelihood is then its supremum, 0), where the
+        Wald p-value of a penalised fit is not; 1.0 for constant neurons.
+    auc : np.ndarray
+        float64 ROC AUC of the fitted probe ``b0 + b1*x`` on the held-out contexts (ties count
+        one half): the activation's AUC where ``beta > 0``, one minus it where ``beta < 0``,
+        0.5 where ``beta == 0``; NaN without held-out contexts.
+    train_acc, test_acc : np.ndarray
+        float64 percent of training / held-out contexts classified correctly, predicting
+        positive where ``b0 + b1*x > 0`` (the notebook's ``predict(X) > .5``); test NaN without
+        held-out contexts.
+    cv_acc : np.ndarray
+        float64 k-fold cross-validated accuracy in percent (all contexts, stratified folds,
+        grouped when groups are given; pooled over folds), NaN unless ``cv`` was asked for.
+    separated : np.ndarray
+        bool, the neuron separates the training classes perfectly (some threshold puts every
+        positive context on one side): the unpenalised slope is infinite, the Wald test is
+        unreliable, the likelihood-ratio test is not.
     converged : np.ndarray
-        bool, optimality (KKT) conditions met to tolerance (fast engine) or statsmodels'
+        bool, optimality (KKT) conditions met (fast and torch engines) or statsmodels'
         ``mle_retvals["converged"]`` (statsmodels engine).
     constant : np.ndarray
         bool, the neuron is constant on the training contexts; its slope is not fitted
         (``beta = 0``) and its intercept is the intercept-only L1 optimum.
+    pvalue_shuffled, pvalue_lr_shuffled : np.ndarray
+        float64 Wald and likelihood-ratio p-values of the same fit on randomly permuted
+        training labels (the shuffled-label control: how many neurons pass by chance), NaN
+        unless ``shuffled_control`` was asked for.
     train_mask : np.ndarray
         bool ``[contexts]``, the one train/test split shared by all neurons (True = train).
     alpha : float
         L1 penalty weight on the summed (not averaged) negative log-likelihood.
+    engine : str
+        The engine that fitted the L1 regressions.
+    cv : int
+        Number of cross-validation folds (0: none).
     """
 
     beta: np.ndarray
     intercept: np.ndarray
     beta_se: np.ndarray
     pvalue: np.ndarray
+    pvalue_lr: np.ndarray
+    auc: np.ndarray
     train_acc: np.ndarray
     test_acc: np.ndarray
+    cv_acc: np.ndarray
+    separated: np.ndarray
     converged: np.ndarray
     constant: np.ndarray
+    pvalue_shuffled: np.ndarray
+    pvalue_lr_shuffled: np.ndarray
     train_mask: np.ndarray
     alpha: float
+    engine: str = "fast"
+    cv: int = 0
 
     def to_frame(self) -> pd.DataFrame:
         """Return the results as a tidy table, one row per (layer, neuron).
@@ -115,8 +163,9 @@ class NeuronFits:
         -------
         pd.DataFrame
             Rows in C order (layer-major).  Columns ``layer`` (only for 2-D results
-            ``[layers, neurons]``), ``neuron``, ``beta``, ``intercept``, ``beta_se``,
-            ``pvalue``, ``train_acc``, ``test_acc``, ``converged``, ``constant``.
+            ``[layers, neurons]``), ``neuron``, then every per-neuron attribute in the order
+            of the class (``cv_acc`` only with cross-validation, the shuffled p-values only
+            with the control).
         """
         shape = self.beta.shape
         columns: dict[str, np.ndarray] = {}
@@ -126,22 +175,20 @@ class NeuronFits:
             columns["neuron"] = neuron.ravel()
         else:
             columns["neuron"] = np.arange(self.beta.size)
-        for name in (
-            "beta",
-            "intercept",
-            "beta_se",
-            "pvalue",
-            "train_acc",
-            "test_acc",
-            "converged",
-            "constant",
-        ):
-            columns[name] = np.asarray(getattr(self, name)).ravel()
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if not isinstance(value, np.ndarray) or field.name == "train_mask":
+                continue
+            if field.name == "cv_acc" and not self.cv:
+                continue
+            if field.name.endswith("_shuffled") and np.isnan(value).all():
+                continue
+            columns[field.name] = value.ravel()
         return pd.DataFrame(columns)
 
 
 # ----------------------------------------------------------------------------------------------
-# Input handling
+# Input handling and splits
 # ----------------------------------------------------------------------------------------------
 
 
@@ -258,76 +305,205 @@ def _check_train_mask(train_mask: Any, y: np.ndarray) -> np.ndarray:
     return mask.copy()
 
 
+def grouped_train_mask(
+    labels: np.ndarray, groups: np.ndarray, test_size: float = 0.2, seed: int = 0
+) -> np.ndarray:
+    """Draw one seeded, stratified train/test split in which no group lands on both sides.
+
+    Uses ``sklearn.model_selection.StratifiedGroupKFold(n_splits=round(1/test_size),
+    shuffle=True, random_state=seed)`` and holds out its first fold, so the held-out fraction
+    is close to ``test_size`` (whole groups move together) and the class balance is kept as
+    well as the groups allow.
+
+    Parameters
+    ----------
+    labels : np.ndarray
+        bool ``[contexts]``.
+    groups : np.ndarray
+        ``[contexts]`` group of each context (e.g. the document it came from).
+    test_size : float, default 0.2
+        Fraction held out, in (0, 0.5].
+    seed : int, default 0
+        ``random_state`` of the folds.
+
+    Returns
+    -------
+    np.ndarray
+        bool ``[contexts]``, True = training context.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    y = _labels_to_bool(labels)
+    groups = _check_groups(groups, y)
+    if not (isinstance(test_size, float) and 0.0 < test_size <= 0.5):
+        raise FitInputError(
+            f"with groups, test_size must be a fraction in (0, 0.5], got {test_size!r}."
+        )
+    n_splits = max(2, round(1.0 / test_size))
+    if np.unique(groups).size < n_splits:
+        raise FitInputError(
+            f"cannot hold out whole groups: {np.unique(groups).size} groups for "
+            f"{n_splits} folds; pass fewer groups per fold (larger test_size) or no groups."
+        )
+    folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    _, test_idx = next(iter(folds.split(np.zeros(y.size), y, groups)))
+    mask = np.ones(y.size, dtype=bool)
+    mask[test_idx] = False
+    return mask
+
+
+def cv_folds(
+    labels: np.ndarray, k: int, seed: int = 0, groups: np.ndarray | None = None
+) -> list[np.ndarray]:
+    """Seeded stratified k-fold split of all contexts (grouped when ``groups`` are given).
+
+    Returns
+    -------
+    list of np.ndarray
+        ``k`` int64 index arrays of held-out contexts, together a partition of the contexts.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+    y = _labels_to_bool(labels)
+    if not (isinstance(k, int) and k >= 2):
+        raise FitInputError(f"cv must be an integer >= 2 (folds), got {k!r}.")
+    smallest = int(min(y.sum(), (~y).sum()))
+    if smallest < k:
+        raise FitInputError(
+            f"cv={k} folds need at least {k} contexts of each class, the smaller class has "
+            f"{smallest}; use fewer folds."
+        )
+    if groups is None:
+        splitter: Any = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+        splits = splitter.split(np.zeros(y.size), y)
+    else:
+        groups = _check_groups(groups, y)
+        splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+        splits = splitter.split(np.zeros(y.size), y, groups)
+    return [np.sort(test).astype(np.int64) for _, test in splits]
+
+
+def _check_groups(groups: Any, y: np.ndarray) -> np.ndarray:
+    """Validate ``groups`` ``[contexts]``."""
+    if isinstance(groups, torch.Tensor):
+        groups = groups.detach().cpu().numpy()
+    arr = np.asarray(groups)
+    if arr.shape != y.shape:
+        raise FitInputError(
+            f"groups has shape {arr.shape} but labels have shape {y.shape}; pass one group "
+            "(e.g. document id) per context."
+        )
+    return arr
+
+
 # ----------------------------------------------------------------------------------------------
-# Chunk iteration
+# Engines
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Chunk:
-    """One block of neurons, neurons-major float64 tensors on the compute device."""
-
-    layer: int | None
-    start: int
-    stop: int
-    x_train: torch.Tensor  # [m, n_train]
-    x_test: torch.Tensor  # [m, n_test]
+def _layer_view(activations: np.ndarray | torch.Tensor, layer: int | None) -> Any:
+    return activations if layer is None else activations[layer]
 
 
-def _iter_chunks(
+def _fit_split(
     activations: np.ndarray | torch.Tensor,
-    layers: int | None,
-    neurons: int,
+    n_layers: int | None,
+    labels: np.ndarray,
     train_idx: np.ndarray,
     test_idx: np.ndarray,
-    chunk_size: int,
-) -> Iterator[_Chunk]:
-    """Yield float64 neuron blocks, layer by layer, checking that they are finite."""
-    device = activations.device if isinstance(activations, torch.Tensor) else torch.device("cpu")
+    *,
+    backend: str,
+    alpha: float,
+    max_iter: int,
+    kkt_tol: float,
+    with_lr: bool,
+    chunk_size: int | None,
+) -> dict[str, np.ndarray]:
+    """Fit every neuron on one split; return ``logit_kernel.LAYER_OUTPUTS`` arrays, per-neuron shape.
+
+    ``backend`` is ``"kernel"`` (compiled CPU kernel, layer by layer) or ``"torch"`` (batched
+    torch solver on the activations' device, block by block).
+    """
+    from neuronprobe.logit_kernel import LAYER_OUTPUTS, fit_layer
+
+    layer_ids: list[int | None] = list(range(n_layers)) if n_layers is not None else [None]
+    parts: list[dict[str, np.ndarray]] = []
+    for layer in layer_ids:
+        x = _layer_view(activations, layer)  # [contexts, neurons]
+        if backend == "kernel":
+            if isinstance(x, torch.Tensor):
+                x = x.detach()
+                x = (x if x.dtype in (torch.float32, torch.float64) else x.float()).numpy()
+            part = fit_layer(
+                x, labels, train_idx, test_idx, alpha=alpha, max_iter=max_iter,
+                kkt_tol=kkt_tol, with_lr=with_lr,
+            )  # fmt: skip
+        else:
+            part = _fit_layer_torch(x, labels, train_idx, test_idx, alpha, max_iter, kkt_tol,
+                                    with_lr, chunk_size)  # fmt: skip
+        bad = np.flatnonzero(~part["finite"])
+        if bad.size:
+            where = f"layer {layer}, " if layer is not None else ""
+            raise FitInputError(
+                f"activations contain NaN or inf ({where}neuron {int(bad[0])}"
+                f"{f' and {bad.size - 1} more' if bad.size > 1 else ''}); clean or drop those "
+                "neurons before fitting."
+            )
+        parts.append(part)
+    if n_layers is None:
+        return parts[0]
+    return {name: np.stack([part[name] for part in parts]) for name in LAYER_OUTPUTS}
+
+
+def _fit_layer_torch(
+    x: np.ndarray | torch.Tensor,
+    labels: np.ndarray,
+    train_idx: np.ndarray,
+    test_idx: np.ndarray,
+    alpha: float,
+    max_iter: int,
+    kkt_tol: float,
+    with_lr: bool,
+    chunk_size: int | None,
+) -> dict[str, np.ndarray]:
+    """The torch engine over one layer ``[contexts, neurons]``, in blocks of neurons."""
+    from neuronprobe.logit_kernel import LAYER_OUTPUTS
+    from neuronprobe.logit_torch import fit_chunk
+
+    xt = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
+    device = xt.device
+    n_contexts, n_neurons = xt.shape
+    if chunk_size is None:  # keep the solver's ~10 float64 work arrays near 256 MB
+        chunk_size = max(1, int(256e6 // (8 * 10 * max(n_contexts, 1))))
     tr = torch.as_tensor(train_idx, device=device)
     te = torch.as_tensor(test_idx, device=device)
-    for layer in range(layers) if layers is not None else [None]:
-        for start in range(0, neurons, chunk_size):
-            stop = min(start + chunk_size, neurons)
-            if isinstance(activations, torch.Tensor):
-                block_t = activations[layer] if layer is not None else activations
-                block_t = block_t[:, start:stop].detach().to(torch.float64)
-                x_train = block_t.index_select(0, tr).T.contiguous()
-                x_test = block_t.index_select(0, te).T.contiguous()
-                finite = bool(torch.isfinite(block_t).all())
-            else:
-                block = activations[layer] if layer is not None else activations
-                block = np.asarray(block[:, start:stop], dtype=np.float64)
-                x_train = torch.from_numpy(np.ascontiguousarray(block[train_idx].T))
-                x_test = torch.from_numpy(np.ascontiguousarray(block[test_idx].T))
-                finite = bool(np.isfinite(block).all())
-            if not finite:
-                where = f"layer {layer}, " if layer is not None else ""
-                raise FitInputError(
-                    f"activations contain NaN or inf ({where}neurons {start}..{stop - 1}); "
-                    "clean or drop those neurons before fitting."
-                )
-            yield _Chunk(layer, start, stop, x_train, x_test)
-
-
-# ----------------------------------------------------------------------------------------------
-# Closed forms
-# ----------------------------------------------------------------------------------------------
-
-
-def _intercept_only_optimum(n1: int, n: int, alpha: float) -> float:
-    """Minimiser of ``-loglik(b0) + alpha*|b0|`` for an intercept-only logistic model.
-
-    KKT: ``n*sigmoid(b0) - n1 + alpha*sign(b0) = 0``, so ``b0 = 0`` iff ``|n1 - n/2| <= alpha``,
-    else ``sigmoid(b0) = (n1 - alpha*s) / n`` with ``s = sign(n1 - n/2)``.
-    """
-    if abs(n1 - n / 2.0) <= alpha:
-        return 0.0
-    s = 1.0 if n1 > n / 2.0 else -1.0
-    q = (n1 - alpha * s) / n
-    if q <= 0.0 or q >= 1.0:  # penalty too weak for a one-class sample; cannot happen here
-        return float("inf") * s
-    return math.log(q) - math.log1p(-q)
+    y = torch.as_tensor(labels[train_idx], dtype=torch.float64, device=device)
+    y_test = torch.as_tensor(labels[test_idx], dtype=torch.float64, device=device)
+    out: dict[str, np.ndarray] = {
+        name: np.zeros(n_neurons, dtype=dtype) for name, dtype in LAYER_OUTPUTS.items()
+    }
+    with torch.no_grad():
+        for start in range(0, n_neurons, chunk_size):
+            stop = min(start + chunk_size, n_neurons)
+            block = xt[:, start:stop].detach().to(torch.float64)
+            finite = torch.isfinite(block).all(dim=0).cpu().numpy()
+            if not finite.all():
+                out["finite"][start:stop] = finite
+                continue
+            part = fit_chunk(
+                block.index_select(0, tr).T.contiguous(),
+                block.index_select(0, te).T.contiguous(),
+                y,
+                y_test,
+                alpha=alpha,
+                max_iter=max_iter,
+                kkt_tol=kkt_tol,
+                with_lr=with_lr,
+                lr_max_iter=100,
+            )
+            for name in LAYER_OUTPUTS:
+                out[name][start:stop] = part[name]
+    return out
 
 
 def _wald(beta: np.ndarray, se: np.ndarray) -> np.ndarray:
@@ -337,445 +513,39 @@ def _wald(beta: np.ndarray, se: np.ndarray) -> np.ndarray:
     return np.asarray(stats.norm.sf(z) * 2.0, dtype=np.float64)
 
 
-# ----------------------------------------------------------------------------------------------
-# Fast engine: proximal Newton over many neurons at once
-# ----------------------------------------------------------------------------------------------
+def _standard_errors(part: dict[str, np.ndarray]) -> np.ndarray:
+    """Slope standard errors from the Hessian factors at the solution (statsmodels' formula).
 
-
-def _objective(
-    u: torch.Tensor,
-    b0: torch.Tensor,
-    b1: torch.Tensor,
-    alpha: float,
-) -> torch.Tensor:
-    """Penalised objective per neuron from the signed margins ``u = s*(b0 + b1*x)``.
-
-    With ``s_i = 1 - 2*y_i`` the loss term ``softplus(eta_i) - y_i*eta_i`` equals
-    ``softplus(s_i*eta_i)``: a sum of non-negative terms, free of the cancellation that
-    ``sum softplus(eta) - sum y*eta`` suffers for well-separated neurons.
-
-    Parameters
-    ----------
-    u : torch.Tensor
-        ``[m, n]`` signed margins.
-    b0, b1 : torch.Tensor
-        ``[m]`` coefficients (for the penalty).
-    alpha : float
-        L1 weight.
+    ``H = [[h00, h00*xbar], [h00*xbar, spread + h00*xbar^2]]``: with both coefficients in the
+    model ``[H^-1]_11 = 1/spread``; with the intercept trimmed to 0, ``1/H_11``.
     """
-    loss = F.softplus(u, beta=1.0, threshold=_SOFTPLUS_THRESHOLD).sum(dim=1)
-    return loss + alpha * (b0.abs() + b1.abs())
+    beta, b0 = part["beta"], part["intercept"]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        var = np.where(
+            b0 != 0,
+            1.0 / part["spread"],
+            1.0 / (part["spread"] + part["h00"] * part["xbar"] ** 2),
+        )
+        se = np.sqrt(var)
+    return np.where((beta != 0) & np.isfinite(se), se, np.nan)
 
 
-def _margins(b0: torch.Tensor, b1: torch.Tensor, s: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
-    """Signed margins ``u = s*(b0 + b1*x) = b0*s + b1*xs``, ``[m, n]``."""
-    return torch.addcmul(torch.outer(b0, s), b1[:, None], xs)
+def _lr_pvalues(part: dict[str, np.ndarray], n1: int, n: int) -> np.ndarray:
+    """Likelihood-ratio p-values from the maximised log-likelihoods of one split."""
+    p1 = n1 / n
+    null = n1 * math.log(p1) + (n - n1) * math.log1p(-p1)
+    statistic = np.maximum(2.0 * (part["loglik"] - null), 0.0)
+    return np.asarray(stats.chi2.sf(statistic, df=1), dtype=np.float64)
 
 
-def _abs_change(b: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """``|b + d| - |b|`` without cancellation when ``b + d`` keeps the sign of ``b``."""
-    z = b + d
-    return torch.where(b * z > 0, torch.sign(b) * d, z.abs() - b.abs())
-
-
-def _lasso2(
-    g0: torch.Tensor,
-    g1: torch.Tensor,
-    h00: torch.Tensor,
-    xbar: torch.Tensor,
-    spread: torch.Tensor,
-    b0: torch.Tensor,
-    b1: torch.Tensor,
-    alpha: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Exact minimiser of the proximal Newton model, per neuron.
-
-    Minimises ``q(d) = g.d + d'Hd/2 + alpha*|b + d|_1`` over the step ``d`` (2-vector per
-    neuron), with the Hessian in the factored form ``H = [[h00, h00*xbar],
-    [h00*xbar, spread + h00*xbar^2]]`` (``xbar = sum w x / sum w``,
-    ``spread = sum w (x - xbar)^2``), so that ``d'Hd = h00*(d0 + xbar*d1)^2 + spread*d1^2``
-    is never negative and ``det H = h00*spread`` is free of cancellation.
-
-    The minimiser ``z = b + d`` of this 2-D lasso has one of four supports; on each support
-    it is one of these candidates: ``z = 0``; ``z0 = 0`` and ``z1 = -soft(c1, alpha)/H11``;
-    ``z1 = 0`` and ``z0 = -soft(c0, alpha)/H00``; ``z = b - H^-1 (g + alpha*s)`` for the four
-    sign patterns ``s`` (``c = g - H b``).  Two coordinate-descent points (one coordinate kept,
-    the other minimised exactly) are added as safe fallbacks.  Every candidate is a point of
-    R^2, so the argmin of ``q`` over them is the global minimiser; no sign-consistency checks
-    are needed and exact zeros come out naturally.
-
-    Returns
-    -------
-    d0, d1 : torch.Tensor
-        ``[m]`` step.
-    delta : torch.Tensor
-        ``[m]`` ``g.d + alpha*(|b+d|_1 - |b|_1)`` (clamped to <= 0), for the Armijo test.
-    """
-    h01 = h00 * xbar
-    h11 = spread + h01 * xbar
-    c0 = g0 - (h00 * b0 + h01 * b1)
-    c1 = g1 - (h01 * b0 + h11 * b1)
-    zero = torch.zeros_like(b0)
-    # Candidates 0-2: z = 0, (0, z1), (z0, 0); 3-4: coordinate descent; 5-8: both non-zero.
-
-    def soft(v: torch.Tensor) -> torch.Tensor:
-        return torch.sign(v) * torch.clamp(v.abs() - alpha, min=0.0)
-
-    # Steps d = z - b; the stepped candidates are built as steps (not points) for accuracy.
-    d0_list = [-b0, -b0, -soft(c0) / h00 - b0, zero, -soft(c0 + h01 * b1) / h00 - b0]
-    d1_list = [-b1, -soft(c1) / h11 - b1, -b1, -soft(c1 + h01 * b0) / h11 - b1, zero]
-    for sign0 in (1.0, -1.0):
-        for sign1 in (1.0, -1.0):
-            r0 = g0 + alpha * sign0
-            r1 = g1 + alpha * sign1
-            step1 = -(r1 - xbar * r0) / spread
-            d0_list.append(-r0 / h00 - xbar * step1)
-            d1_list.append(step1)
-    d0 = torch.stack(d0_list, dim=1)
-    d1 = torch.stack(d1_list, dim=1)
-    lin = (
-        g0[:, None] * d0
-        + g1[:, None] * d1
-        + alpha * (_abs_change(b0[:, None], d0) + _abs_change(b1[:, None], d1))
-    )
-    quad = 0.5 * (h00[:, None] * (d0 + xbar[:, None] * d1) ** 2 + spread[:, None] * d1 * d1)
-    q = lin + quad
-    q = torch.where(torch.isfinite(q), q, torch.full_like(q, math.inf))
-    best = torch.argmin(
-        q, dim=1, keepdim=True
-    )  # first minimum: zero-containing candidates win ties
-    d0_best = d0.gather(1, best).squeeze(1)
-    d1_best = d1.gather(1, best).squeeze(1)
-    delta = lin.gather(1, best).squeeze(1)
-    # delta <= 0 in exact arithmetic; a non-finite step can only come from overflow: stay put.
-    bad = ~(torch.isfinite(d0_best) & torch.isfinite(d1_best) & torch.isfinite(delta))
-    d0_best = torch.where(bad, 0.0, d0_best)
-    d1_best = torch.where(bad, 0.0, d1_best)
-    delta = torch.where(bad, 0.0, delta.clamp(max=0.0))
-    return d0_best, d1_best, delta
-
-
-@dataclass
-class _SolveResult:
-    b0: torch.Tensor
-    b1: torch.Tensor
-    h00: torch.Tensor
-    xbar: torch.Tensor
-    spread: torch.Tensor
-    converged: torch.Tensor
-    iterations: int
-
-
-def _prox_newton(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    alpha: float,
-    max_iter: int,
-    kkt_tol: float,
-) -> _SolveResult:
-    """Solve ``min F(b)`` for every row of ``x`` (``[m, n]`` float64, non-constant rows).
-
-    Proximal Newton with the exact 2-D lasso model (:func:`_lasso2`) and a per-neuron
-    backtracking Armijo line search on the true objective.  A neuron is frozen once its KKT
-    conditions hold:
-
-    * ``b_j != 0``: ``|g_j + alpha*sign(b_j)| <= tol_j``;
-    * ``b_j == 0``: ``|g_j| <= alpha + tol_j``;
-
-    with ``g`` the gradient of ``-loglik`` and ``tol_j = kkt_tol*alpha + 64*eps*S_j`` where
-    ``S_0 = n`` and ``S_1 = sum_i |x_i|`` bound the summands of ``g_0`` and ``g_1`` (so the
-    second term is a floor at the gradient's rounding error).
-
-    Parameters
-    ----------
-    x : torch.Tensor
-        ``[m, n]`` float64 training activations, neurons-major.
-    y : torch.Tensor
-        ``[n]`` float64 0/1 labels.
-    alpha, max_iter, kkt_tol
-        See :func:`fit_neuron_logits`.
-    """
-    m, n = x.shape
-    device = x.device
-    s = 1.0 - 2.0 * y  # +1 for negatives, -1 for positives
-    xs_all = x * s
-    tol0 = kkt_tol * alpha + 64.0 * _EPS * n
-    tol1_all = kkt_tol * alpha + 64.0 * _EPS * x.abs().sum(dim=1)
-
-    out_b0 = torch.zeros(m, dtype=torch.float64, device=device)
-    out_b1 = torch.zeros_like(out_b0)
-    out_h00 = torch.zeros_like(out_b0)
-    out_xbar = torch.zeros_like(out_b0)
-    out_spread = torch.zeros_like(out_b0)
-    out_conv = torch.zeros(m, dtype=torch.bool, device=device)
-
-    # Working set (compacted as neurons converge).
-    idx = torch.arange(m, device=device)
-    xw, xsw, tol1 = x, xs_all, tol1_all
-    b0 = torch.zeros(m, dtype=torch.float64, device=device)
-    b1 = torch.zeros_like(b0)
-    u = torch.zeros((m, n), dtype=torch.float64, device=device)
-    fval = torch.full((m,), n * math.log(2.0), dtype=torch.float64, device=device)
-    live = torch.ones(m, dtype=torch.bool, device=device)
-
-    iteration = 0
-    while True:
-        # Residual p_i - y_i = s_i*sigmoid(u_i), accurate even where p_i is close to y_i.
-        sig = torch.sigmoid(u)
-        g0 = sig @ s
-        g1 = torch.linalg.vecdot(sig, xsw)
-        w = sig.mul_(1.0 - sig)  # in place: sig is not needed any more
-        h00 = w.sum(dim=1)
-        xbar = torch.where(h00 > 0, torch.linalg.vecdot(w, xw) / h00, 0.0)
-        centred = xw - xbar[:, None]
-        spread = torch.linalg.vecdot(w.mul_(centred), centred)
-        del sig, w, centred
-
-        r0 = torch.where(b0 != 0, (g0 + alpha * torch.sign(b0)).abs(), g0.abs() - alpha)
-        r1 = torch.where(b1 != 0, (g1 + alpha * torch.sign(b1)).abs(), g1.abs() - alpha)
-        done = live & (r0 <= tol0) & (r1 <= tol1)
-        final = live if iteration >= max_iter else done
-        if bool(final.any()):
-            sel = idx[final]
-            out_b0[sel] = b0[final]
-            out_b1[sel] = b1[final]
-            out_h00[sel] = h00[final]
-            out_xbar[sel] = xbar[final]
-            out_spread[sel] = spread[final]
-            out_conv[sel] = done[final]
-        live = live & ~final
-        n_live = int(live.sum())
-        if n_live == 0:
-            break
-        iteration += 1
-
-        if n_live <= 0.7 * live.numel():  # compact the working set
-            keep = live.nonzero().squeeze(1)
-            idx, xw, xsw, u = idx[keep], xw[keep], xsw[keep], u[keep]
-            tol1, b0, b1, fval = tol1[keep], b0[keep], b1[keep], fval[keep]
-            g0, g1, h00, xbar, spread = g0[keep], g1[keep], h00[keep], xbar[keep], spread[keep]
-            live = torch.ones(n_live, dtype=torch.bool, device=device)
-
-        d0, d1, delta = _lasso2(g0, g1, h00, xbar, spread, b0, b1, alpha)
-        d0 = torch.where(live, d0, 0.0)
-        d1 = torch.where(live, d1, 0.0)
-        delta = torch.where(live, delta, 0.0)
-        # Objective differences below this are rounding noise (F is a sum of n non-negative
-        # terms, each accurate to a few ulps): accept such steps.
-        slack = 1e-13 * (1.0 + fval)
-
-        t0, t1 = b0 + d0, b1 + d1
-        u_t = _margins(t0, t1, s, xsw)
-        f_t = _objective(u_t, t0, t1, alpha)
-        ok = f_t <= fval + _ARMIJO * delta + slack
-        if bool(ok.all()):
-            b0, b1, u, fval = t0, t1, u_t, f_t
-            continue
-
-        # Backtrack the neurons whose full step failed.
-        b0 = torch.where(ok, t0, b0)
-        b1 = torch.where(ok, t1, b1)
-        fval = torch.where(ok, f_t, fval)
-        u = torch.where(ok[:, None], u_t, u)
-        del u_t
-        bad = (~ok).nonzero().squeeze(1)
-        step = 1.0
-        for _ in range(_MAX_HALVINGS):
-            step *= 0.5
-            tb0 = b0[bad] + step * d0[bad]
-            tb1 = b1[bad] + step * d1[bad]
-            u_b = _margins(tb0, tb1, s, xsw[bad])
-            f_b = _objective(u_b, tb0, tb1, alpha)
-            acc = f_b <= fval[bad] + _ARMIJO * step * delta[bad] + slack[bad]
-            if bool(acc.any()):
-                rows = bad[acc]
-                b0[rows], b1[rows], fval[rows] = tb0[acc], tb1[acc], f_b[acc]
-                u[rows] = u_b[acc]
-                bad = bad[~acc]
-            if bad.numel() == 0:
-                break
-        # Neurons still in `bad` made no progress; they will hit max_iter (converged=False).
-
-    return _SolveResult(out_b0, out_b1, out_h00, out_xbar, out_spread, out_conv, iteration)
-
-
-def _fit_chunk_fast(
-    chunk: _Chunk,
-    y_train: torch.Tensor,
-    y_test: torch.Tensor,
-    alpha: float,
-    max_iter: int,
-    kkt_tol: float,
-) -> dict[str, np.ndarray]:
-    """Fit every neuron of one chunk; return per-neuron numpy arrays ``[m]``."""
-    x, xt = chunk.x_train, chunk.x_test
-    m, n = x.shape
-    device = x.device
-    n1 = int(y_train.sum())
-    const = x.amax(dim=1) == x.amin(dim=1)
-
-    b0 = torch.full((m,), _intercept_only_optimum(n1, n, alpha), dtype=torch.float64, device=device)
-    b1 = torch.zeros(m, dtype=torch.float64, device=device)
-    se = torch.full((m,), math.nan, dtype=torch.float64, device=device)
-    conv = torch.ones(m, dtype=torch.bool, device=device)
-
-    fit_rows = (~const).nonzero().squeeze(1)
-    iterations = 0
-    if fit_rows.numel() > 0:
-        x_fit = x if fit_rows.numel() == m else x[fit_rows]  # no copy in the usual case
-        res = _prox_newton(x_fit, y_train, alpha, max_iter, kkt_tol)
-        iterations = res.iterations
-        b0[fit_rows], b1[fit_rows], conv[fit_rows] = res.b0, res.b1, res.converged
-        # H = X'WX at the solution; det H = h00*spread, so [H^-1]_11 = 1/spread.
-        var_both = 1.0 / res.spread  # both coefficients in the model
-        var_slope_only = 1.0 / (res.spread + res.h00 * res.xbar**2)  # 1/H11: intercept is 0
-        var = torch.where(res.b0 != 0, var_both, var_slope_only)
-        se_fit = torch.where(res.b1 != 0, torch.sqrt(var), math.nan)
-        se[fit_rows] = se_fit
-
-    pred_train = torch.addcmul(b0[:, None], b1[:, None], x) > 0
-    train_acc = 100.0 * (pred_train == (y_train > 0.5)).double().mean(dim=1)
-    if xt.shape[1] > 0:
-        pred_test = torch.addcmul(b0[:, None], b1[:, None], xt) > 0
-        test_acc = 100.0 * (pred_test == (y_test > 0.5)).double().mean(dim=1)
-    else:
-        test_acc = torch.full((m,), math.nan, dtype=torch.float64, device=device)
-
-    logger.debug(
-        "layer %s neurons %d..%d: %d constant, %d iterations, %d not converged",
-        chunk.layer,
-        chunk.start,
-        chunk.stop - 1,
-        int(const.sum()),
-        iterations,
-        int((~conv).sum()),
-    )
-    return {
-        "beta": b1.cpu().numpy(),
-        "intercept": b0.cpu().numpy(),
-        "beta_se": se.cpu().numpy(),
-        "train_acc": train_acc.cpu().numpy(),
-        "test_acc": test_acc.cpu().numpy(),
-        "converged": conv.cpu().numpy(),
-        "constant": const.cpu().numpy(),
-    }
-
-
-# ----------------------------------------------------------------------------------------------
-# statsmodels engine: the notebook's call, neuron by neuron
-# ----------------------------------------------------------------------------------------------
-
-
-def _nan_safe_cov_l1(
-    likelihood_model: Any, xopt: np.ndarray, retvals: dict[str, Any]
-) -> np.ndarray:
-    """statsmodels' ``cov_params_func_l1``, but NaN instead of raising on a singular Hessian."""
-    hess = likelihood_model.hessian(xopt)
-    nz = np.flatnonzero(~np.asarray(retvals["trimmed"]))
-    cov = np.full(hess.shape, np.nan)
-    sub = hess[nz[:, None], nz]
-    if nz.size and np.isfinite(sub).all():
-        with contextlib.suppress(np.linalg.LinAlgError):
-            cov[nz[:, None], nz] = np.linalg.inv(-sub)
-    return cov
-
-
-def _statsmodels_fit(
-    yf: np.ndarray, exog: np.ndarray, alpha: float, counters: dict[str, int]
-) -> Any:
-    """The notebook's ``sm.Logit(y, X).fit_regularized(...)`` with warnings counted, not shown.
-
-    statsmodels 0.15 raises ``LinAlgError`` when the Hessian at SLSQP's stopping point is
-    singular (e.g. a separable neuron driven to huge coefficients); the fit is then redone
-    with the same optimiser and a covariance function that returns NaN instead.
-    """
-    import statsmodels.api as sm
-    from statsmodels.tools.sm_exceptions import ConvergenceWarning, ModelWarning
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model = sm.Logit(yf, exog)
-        try:
-            result = model.fit_regularized(maxiter=3000, disp=0, method="l1", alpha=alpha)
-        except np.linalg.LinAlgError:
-            counters["singular"] += 1
-            model = sm.Logit(yf, exog)
-            model.cov_params_func_l1 = _nan_safe_cov_l1
-            result = model.fit_regularized(maxiter=3000, disp=0, method="l1", alpha=alpha)
-    seen: set[str] = set()
-    for item in caught:
-        if issubclass(item.category, ModelWarning):
-            name = (
-                "ConvergenceWarning"
-                if issubclass(item.category, ConvergenceWarning)
-                else item.category.__name__
-            )
-            seen.add(name)
-        else:
-            warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
-    for name in seen:
-        counters[name] = counters.get(name, 0) + 1
-    return result
-
-
-def _fit_chunk_statsmodels(
-    chunk: _Chunk,
-    y_train: np.ndarray,
-    y_test: np.ndarray,
-    alpha: float,
-    counters: dict[str, int],
-) -> dict[str, np.ndarray]:
-    """Run ``sm.Logit(...).fit_regularized(method='l1')`` for every neuron of one chunk."""
-    import statsmodels.api as sm
-
-    x_train = chunk.x_train.cpu().numpy()
-    x_test = chunk.x_test.cpu().numpy()
-    m, n = x_train.shape
-    n1 = int(y_train.sum())
-    yf = y_train.astype(np.float64)
-    out = {
-        "beta": np.zeros(m),
-        "intercept": np.zeros(m),
-        "beta_se": np.full(m, np.nan),
-        "train_acc": np.zeros(m),
-        "test_acc": np.full(m, np.nan),
-        "converged": np.ones(m, dtype=bool),
-        "constant": np.zeros(m, dtype=bool),
-    }
-    for j in range(m):
-        xtr, xte = x_train[j], x_test[j]
-        if xtr.max() == xtr.min():
-            b0, b1 = _intercept_only_optimum(n1, n, alpha), 0.0
-            out["constant"][j] = True
-            pred_tr = np.full(n, b0 > 0)
-            pred_te = np.full(xte.shape[0], b0 > 0)
-        else:
-            # The notebook's add_constant(x) on the full x; x is not constant, so this adds it.
-            ex_train = sm.add_constant(xtr, has_constant="add")
-            ex_test = sm.add_constant(xte, has_constant="add")
-            result = _statsmodels_fit(yf, ex_train, alpha, counters)
-            b0, b1 = float(result.params[0]), float(result.params[1])
-            out["beta_se"][j] = float(result.bse[1])
-            out["converged"][j] = bool(result.mle_retvals["converged"])
-            pred_tr = result.predict(ex_train) > 0.5
-            pred_te = result.predict(ex_test) > 0.5 if xte.shape[0] else np.zeros(0, bool)
-        out["beta"][j], out["intercept"][j] = b1, b0
-        out["train_acc"][j] = 100.0 * np.mean(pred_tr == y_train)
-        if xte.shape[0]:
-            out["test_acc"][j] = 100.0 * np.mean(pred_te == y_test)
-    out["beta_se"][out["beta"] == 0] = np.nan
-    return out
+def _probe_auc(raw: np.ndarray, beta: np.ndarray) -> np.ndarray:
+    """The probe's held-out AUC from the activation's own AUC and the slope's sign."""
+    return np.where(beta > 0, raw, np.where(beta < 0, 1.0 - raw, np.where(np.isnan(raw), raw, 0.5)))
 
 
 # ----------------------------------------------------------------------------------------------
 # Public entry point
 # ----------------------------------------------------------------------------------------------
-
-
-def _default_chunk_size(n_contexts: int, memory_bytes: float) -> int:
-    """Neurons per chunk so that the solver's float64 work arrays fit in ``memory_bytes``."""
-    per_neuron = 8.0 * _WORK_ARRAYS * max(n_contexts, 1)
-    return max(1, int(memory_bytes // per_neuron))
 
 
 def fit_neuron_logits(
@@ -786,7 +556,11 @@ def fit_neuron_logits(
     test_size: float = 0.2,
     seed: int = 0,
     train_mask: np.ndarray | None = None,
+    groups: np.ndarray | None = None,
     engine: str = "fast",
+    cv: int | None = None,
+    shuffled_control: bool = False,
+    n_jobs: int | None = None,
     chunk_size: int | None = None,
     max_iter: int = 200,
     kkt_tol: float = 1e-9,
@@ -794,39 +568,53 @@ def fit_neuron_logits(
     """Fit one L1-penalised logistic regression ``labels ~ 1 + x`` per neuron.
 
     Minimises ``-loglik(b0, b1) + alpha*(|b0| + |b1|)`` on the training contexts, the objective
-    of the notebook's ``sm.Logit(y, add_constant(x)).fit_regularized(method="l1", alpha=alpha)``.
+    of the notebook's ``sm.Logit(y, add_constant(x)).fit_regularized(method="l1", alpha=alpha)``,
+    to its true optimum, for every neuron on one shared split.
 
     Parameters
     ----------
     activations : np.ndarray or torch.Tensor
-        Real ``[contexts, neurons]`` or ``[layers, contexts, neurons]``; any float dtype; a
-        read-only ``np.memmap`` is fine (read chunk by chunk); a torch tensor is processed on its
-        own device.
+        Real ``[contexts, neurons]`` or ``[layers, contexts, neurons]``; float32 or float64
+        (others are converted layer by layer); a read-only ``np.memmap`` is read layer by
+        layer; a torch tensor on a GPU is fitted there.
     labels : np.ndarray or torch.Tensor
-        bool or 0/1 ``[contexts]``, True = positive class.
+        bool or 0/1 ``[contexts]``, True = positive class ("can't" in the notebook).
     alpha : float, default 0.1
         L1 weight on the summed negative log-likelihood (statsmodels' ``alpha``).
     test_size : float, default 0.2
-        Held-out fraction for :func:`stratified_train_mask` (ignored if ``train_mask`` given).
+        Held-out fraction (ignored if ``train_mask`` is given).
     seed : int, default 0
-        Seed of :func:`stratified_train_mask` (ignored if ``train_mask`` given).
+        Seed of the split, of the cross-validation folds and of the label permutation.
     train_mask : np.ndarray, optional
         bool ``[contexts]`` (True = train): the split shared by all neurons.
-    engine : {"fast", "statsmodels"}, default "fast"
-        ``"fast"``: exact vectorised proximal Newton solver in torch float64 (true optimum;
-        zeros exactly where the optimum is zero).  ``"statsmodels"``: the notebook's
-        statsmodels call per neuron on the same split (slow, ~ms per neuron; SLSQP may stop
-        early and trim slopes that are non-zero at the optimum).
+    groups : np.ndarray, optional
+        ``[contexts]`` group of each context (document ids): the split and the folds then keep
+        every group on one side (:func:`grouped_train_mask`), so that contexts of one document
+        cannot leak from training to testing.
+    engine : {"fast", "torch", "statsmodels"}, default "fast"
+        ``"fast"``: compiled CPU kernel for numpy arrays and CPU tensors, torch solver for CUDA
+        tensors.  ``"torch"``: the batched torch solver on the tensor's device.
+        ``"statsmodels"``: the notebook's statsmodels call per neuron (slow, ~3 ms per neuron
+        and core; SLSQP may stop early and trim slopes that are non-zero at the optimum), in
+        ``n_jobs`` processes; its likelihood-ratio p-values and the AUC's direction data come
+        from the fast kernel (statsmodels has no L1-compatible counterpart).
+    cv : int, optional
+        Also compute ``cv``-fold cross-validated accuracy (``cv_acc``), refitting on each fold
+        with the fast kernel (or torch).
+    shuffled_control : bool, default False
+        Also fit every neuron on randomly permuted training labels (seeded) and report its
+        p-values (``pvalue_shuffled``, ``pvalue_lr_shuffled``): how many neurons would pass
+        the threshold by chance.
+    n_jobs : int, optional
+        Processes of the statsmodels engine (default: all cores).  The fast kernel uses numba's
+        threads (``NUMBA_NUM_THREADS``).
     chunk_size : int, optional
-        Neurons solved at once (fast engine).  Default: as many as keep the solver's work
-        arrays near 256 MB.
+        Neurons per block of the torch solver (default: ~256 MB of work arrays).
     max_iter : int, default 200
-        Proximal Newton iteration cap (fast engine); neurons hitting it get
-        ``converged=False`` and a warning is logged.
+        Proximal Newton iteration cap; neurons hitting it get ``converged=False``.
     kkt_tol : float, default 1e-9
-        KKT tolerance relative to ``alpha`` (fast engine): the optimality residual of each
-        coefficient's gradient must be below ``kkt_tol*alpha`` plus a floor at its rounding
-        error, ``64*eps*sum_i |summand_i|``.
+        KKT tolerance relative to ``alpha``: each coefficient's optimality residual must be
+        below ``kkt_tol*alpha`` plus a floor at its rounding error, ``64*eps*sum_i |summand_i|``.
 
     Returns
     -------
@@ -836,103 +624,253 @@ def fit_neuron_logits(
     Raises
     ------
     FitInputError
-        (a ``ValueError``) on mismatched shapes, non-binary labels, a class absent from the training split,
-        non-finite activations, or an unknown engine.
+        (a ``ValueError``) on mismatched shapes, non-binary labels, a class absent from the
+        training split, non-finite activations (naming layer and neuron), or a bad option.
     """
-    if engine not in ("fast", "statsmodels"):
-        raise FitInputError(f"engine must be 'fast' or 'statsmodels', got {engine!r}.")
+    if engine not in ENGINES:
+        raise FitInputError(f"engine must be one of {', '.join(ENGINES)}; got {engine!r}.")
     if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
         raise FitInputError(f"alpha must be a positive finite number, got {alpha!r}.")
     if max_iter < 1:
         raise FitInputError(f"max_iter must be >= 1, got {max_iter}.")
+    if chunk_size is not None and chunk_size < 1:
+        raise FitInputError(f"chunk_size must be >= 1, got {chunk_size}.")
     alpha = float(alpha)
 
-    n_contexts, neurons, layers = _check_activations(activations)
+    n_contexts, _, n_layers = _check_activations(activations)
     y = _labels_to_bool(labels)
     if y.shape[0] != n_contexts:
         raise FitInputError(
             f"labels have {y.shape[0]} entries but activations have {n_contexts} contexts "
             f"(activations shape {tuple(activations.shape)}; contexts are axis "
-            f"{0 if layers is None else 1}); pass one label per context."
+            f"{0 if n_layers is None else 1}); pass one label per context."
         )
-    if train_mask is None:
-        mask = stratified_train_mask(y, test_size=test_size, seed=seed)
-    else:
+    if train_mask is not None:
         mask = _check_train_mask(train_mask, y)
-    y_tr, y_te = y[mask], y[~mask]
+    elif groups is not None:
+        mask = grouped_train_mask(y, groups, test_size=test_size, seed=seed)
+    else:
+        mask = stratified_train_mask(y, test_size=test_size, seed=seed)
+    y_tr = y[mask]
     if y_tr.all() or not y_tr.any():
         absent = "negative (False)" if y_tr.all() else "positive (True)"
         raise FitInputError(
             f"the training split has no {absent} labels ({y_tr.size} training contexts); "
             "both classes must be present: use a stratified train_mask or more contexts."
         )
+    folds = cv_folds(y, cv, seed=seed, groups=groups) if cv else []
     train_idx = np.flatnonzero(mask)
     test_idx = np.flatnonzero(~mask)
-    if chunk_size is None:
-        chunk_size = _default_chunk_size(train_idx.size, 256e6)
-    if chunk_size < 1:
-        raise FitInputError(f"chunk_size must be >= 1, got {chunk_size}.")
-
-    device = activations.device if isinstance(activations, torch.Tensor) else torch.device("cpu")
-    y_train_t = torch.as_tensor(y_tr, dtype=torch.float64, device=device)
-    y_test_t = torch.as_tensor(y_te, dtype=torch.float64, device=device)
-
-    out_shape = (neurons,) if layers is None else (layers, neurons)
-    names = ("beta", "intercept", "beta_se", "train_acc", "test_acc", "converged", "constant")
-    results: dict[str, np.ndarray] = {
-        name: np.zeros(out_shape, dtype=bool if name in ("converged", "constant") else np.float64)
-        for name in names
+    on_gpu = isinstance(activations, torch.Tensor) and activations.device.type != "cpu"
+    backend = "torch" if engine == "torch" or on_gpu else "kernel"
+    options: dict[str, Any] = {
+        "alpha": alpha,
+        "max_iter": max_iter,
+        "kkt_tol": kkt_tol,
+        "chunk_size": chunk_size,
     }
-    counters = {"singular": 0}
-    chunks = _iter_chunks(activations, layers, neurons, train_idx, test_idx, chunk_size)
-    with torch.no_grad():
-        for chunk in chunks:
-            if engine == "fast":
-                part = _fit_chunk_fast(chunk, y_train_t, y_test_t, alpha, max_iter, kkt_tol)
-            else:
-                part = _fit_chunk_statsmodels(chunk, y_tr, y_te, alpha, counters)
-            for name in names:
-                target = results[name] if chunk.layer is None else results[name][chunk.layer]
-                target[chunk.start : chunk.stop] = part[name]
 
-    total = int(np.prod(out_shape))
-    n_bad = int((~results["converged"]).sum())
-    if n_bad:
-        what = f"max_iter={max_iter} iterations" if engine == "fast" else "statsmodels"
-        logger.warning(
-            "%d of %d neurons did not converge (%s); see NeuronFits.converged", n_bad, total, what
-        )
-    if engine == "statsmodels":
-        singular = counters.pop("singular")
-        if singular:
-            logger.warning(
-                "statsmodels' Hessian was singular for %d of %d neurons: their beta_se and "
-                "pvalue are NaN",
-                singular,
-                total,
-            )
-        if counters:
-            logger.info(
-                "statsmodels warnings suppressed (neurons affected of %d): %s",
-                total,
-                ", ".join(f"{name} {count}" for name, count in sorted(counters.items())),
-            )
-    logger.info(
-        "fitted %d neurons (%s engine): %d constant, %d with non-zero slope",
-        total,
-        engine,
-        int(results["constant"].sum()),
-        int((results["beta"] != 0).sum()),
+    part = _fit_split(
+        activations, n_layers, y, train_idx, test_idx, backend=backend, with_lr=True, **options
     )
+    n1, n = int(y_tr.sum()), int(y_tr.size)
+    beta, intercept = part["beta"], part["intercept"]
+    beta_se = _standard_errors(part)
+    train_acc = 100.0 * part["train_correct"] / n
+    test_acc = (
+        100.0 * part["test_correct"] / test_idx.size
+        if test_idx.size
+        else np.full(beta.shape, np.nan)
+    )
+    converged = part["converged"]
+    if engine == "statsmodels":
+        beta, intercept, beta_se, train_acc, test_acc, converged = _statsmodels_engine(
+            activations, n_layers, y, train_idx, test_idx, alpha, n_jobs, part["constant"]
+        )
+
+    cv_acc = np.full(beta.shape, np.nan)
+    if folds:
+        correct = np.zeros(beta.shape)
+        for held_out in folds:
+            keep = np.ones(n_contexts, dtype=bool)
+            keep[held_out] = False
+            fold = _fit_split(
+                activations, n_layers, y, np.flatnonzero(keep), held_out,
+                backend=backend, with_lr=False, **options,
+            )  # fmt: skip
+            correct += fold["test_correct"]
+        cv_acc = 100.0 * correct / n_contexts
+
+    pvalue_shuffled = np.full(beta.shape, np.nan)
+    pvalue_lr_shuffled = np.full(beta.shape, np.nan)
+    if shuffled_control:
+        rng = np.random.default_rng(seed)
+        y_perm = y.copy()
+        y_perm[train_idx] = rng.permutation(y[train_idx])
+        control = _fit_split(
+            activations, n_layers, y_perm, train_idx, test_idx,
+            backend=backend, with_lr=True, **options,
+        )  # fmt: skip
+        pvalue_shuffled = _wald(control["beta"], _standard_errors(control))
+        pvalue_lr_shuffled = _lr_pvalues(control, n1, n)
+
+    total = beta.size
+    _log_summary(part, converged, total, engine)
     return NeuronFits(
-        beta=results["beta"],
-        intercept=results["intercept"],
-        beta_se=results["beta_se"],
-        pvalue=_wald(results["beta"], results["beta_se"]),
-        train_acc=results["train_acc"],
-        test_acc=results["test_acc"],
-        converged=results["converged"],
-        constant=results["constant"],
+        beta=beta,
+        intercept=intercept,
+        beta_se=beta_se,
+        pvalue=_wald(beta, beta_se),
+        pvalue_lr=_lr_pvalues(part, n1, n),
+        auc=_probe_auc(part["test_auc_raw"], beta),
+        train_acc=train_acc,
+        test_acc=test_acc,
+        cv_acc=cv_acc,
+        separated=part["separated"],
+        converged=converged,
+        constant=part["constant"],
+        pvalue_shuffled=pvalue_shuffled,
+        pvalue_lr_shuffled=pvalue_lr_shuffled,
         train_mask=mask,
         alpha=alpha,
+        engine=engine,
+        cv=int(cv or 0),
     )
+
+
+def _statsmodels_engine(
+    activations: np.ndarray | torch.Tensor,
+    n_layers: int | None,
+    y: np.ndarray,
+    train_idx: np.ndarray,
+    test_idx: np.ndarray,
+    alpha: float,
+    n_jobs: int | None,
+    constant: np.ndarray,
+) -> tuple[np.ndarray, ...]:
+    """The notebook's statsmodels fits; returns beta, intercept, se, accuracies, converged."""
+    from neuronprobe.logit_reference import fit_neurons_statsmodels
+
+    def as_numpy(x: Any) -> np.ndarray:
+        return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+    layer_ids: list[int | None] = list(range(n_layers)) if n_layers is not None else [None]
+    layers = [as_numpy(_layer_view(activations, layer)) for layer in layer_ids]
+    results, counters = fit_neurons_statsmodels(
+        layers, y, train_idx, test_idx, alpha=alpha, n_jobs=n_jobs
+    )
+    total = int(constant.size)
+    if counters.get("singular"):
+        logger.warning(
+            "statsmodels' Hessian was singular for %d of %d neurons: their beta_se and pvalue "
+            "are NaN",
+            counters["singular"],
+            total,
+        )
+    others = {k: v for k, v in counters.items() if k != "singular"}
+    if others:
+        logger.info(
+            "statsmodels warnings suppressed (neurons affected of %d): %s",
+            total,
+            ", ".join(f"{name} {count}" for name, count in sorted(others.items())),
+        )
+    names = ("beta", "intercept", "beta_se", "train_acc", "test_acc", "converged")
+    if n_layers is None:
+        return tuple(results[0][name] for name in names)
+    return tuple(np.stack([result[name] for result in results]) for name in names)
+
+
+def _log_summary(part: dict[str, np.ndarray], converged: np.ndarray, total: int, engine: str):
+    n_bad = int((~converged).sum())
+    if n_bad:
+        logger.warning(
+            "%d of %d neurons did not converge (%s engine); see NeuronFits.converged",
+            n_bad,
+            total,
+            engine,
+        )
+    lr_bad = int((~part["lr_converged"]).sum())
+    if lr_bad:
+        logger.info(
+            "%d of %d unpenalised fits stopped before converging (quasi-separation): their "
+            "likelihood-ratio p-values are slightly conservative",
+            lr_bad,
+            total,
+        )
+    logger.info(
+        "fitted %d neurons (%s engine): %d constant, %d separating, %d with non-zero slope",
+        total,
+        engine,
+        int(part["constant"].sum()),
+        int(part["separated"].sum()),
+        int((part["beta"] != 0).sum()),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Multiple comparisons
+# ----------------------------------------------------------------------------------------------
+
+
+def adjust_pvalues(
+    pvalues: np.ndarray, correction: str = "bonferroni-layer", significance: float = 0.05
+) -> tuple[np.ndarray, np.ndarray]:
+    """Adjusted p-values and the per-layer threshold of a multiple-comparison correction.
+
+    Every neuron counts as one test, whether or not its slope is zero (a NaN p-value, from a
+    zero slope, is treated as 1).
+
+    Parameters
+    ----------
+    pvalues : np.ndarray
+        ``[layers, neurons]`` (or ``[neurons]``, one layer).
+    correction : {"bonferroni-layer", "bonferroni", "fdr-bh"}
+        ``"bonferroni-layer"``: the notebook's ``significance / neurons per layer``, a
+        family-wise error rate per layer.  ``"bonferroni"``: ``significance / all neurons``,
+        family-wise over the whole model.  ``"fdr-bh"``: Benjamini-Hochberg false discovery
+        rate ``significance`` over the whole model.
+    significance : float, default 0.05
+        The family-wise error rate or the false discovery rate.
+
+    Returns
+    -------
+    adjusted : np.ndarray
+        Adjusted p-values, same shape (capped at 1); a neuron is significant iff
+        ``adjusted <= significance``.
+    threshold : np.ndarray
+        ``[layers]`` largest raw p-value that is significant in each layer's test family
+        (Bonferroni: ``significance / m``; BH: its step-up cut-off, 0 where nothing passes).
+    """
+    if correction not in CORRECTIONS:
+        raise FitInputError(
+            f"correction must be one of {', '.join(CORRECTIONS)}; got {correction!r}."
+        )
+    if not 0.0 < significance < 1.0:
+        raise FitInputError(f"significance must be in (0, 1), got {significance!r}.")
+    p = np.asarray(pvalues, dtype=np.float64)
+    squeeze = p.ndim == 1
+    p = np.atleast_2d(p)
+    p = np.where(np.isnan(p), 1.0, p)
+    n_layers, per_layer = p.shape
+    if correction == "bonferroni-layer":
+        adjusted = np.minimum(p * per_layer, 1.0)
+        threshold = np.full(n_layers, significance / per_layer)
+    elif correction == "bonferroni":
+        adjusted = np.minimum(p * p.size, 1.0)
+        threshold = np.full(n_layers, significance / p.size)
+    else:
+        flat = p.ravel()
+        m = flat.size
+        order = np.argsort(flat, kind="stable")
+        ranked = flat[order] * m / np.arange(1, m + 1)
+        # Step-up: q_(i) = min over j >= i of p_(j) * m / j.
+        q = np.minimum.accumulate(ranked[::-1])[::-1]
+        adjusted_flat = np.empty(m)
+        adjusted_flat[order] = np.minimum(q, 1.0)
+        adjusted = adjusted_flat.reshape(p.shape)
+        passing = flat[adjusted_flat <= significance]
+        cutoff = float(passing.max()) if passing.size else 0.0
+        threshold = np.full(n_layers, cutoff)
+    if squeeze:
+        return adjusted[0], threshold
+    return adjusted, threshold

@@ -11,10 +11,11 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from neuronprobe import __version__
 from neuronprobe.activations import SITES
-from neuronprobe.config import RunConfig
+from neuronprobe.config import CORRECTIONS, ENGINES, TESTS, RunConfig
 from neuronprobe.contexts import Contrast
 from neuronprobe.errors import NeuronprobeError
 from neuronprobe.models import DTYPES
@@ -131,6 +132,80 @@ def _add_context_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars or stage messages")
 
 
+def _add_statistics_options(parser: argparse.ArgumentParser, defaults: RunConfig | None) -> None:
+    """Options of the statistics stage; ``defaults=None`` leaves them unset (``probe``)."""
+
+    def default(name: str) -> object:
+        return None if defaults is None else getattr(defaults, name)
+
+    shown = "" if defaults is None else " (default %(default)s)"
+    group = parser.add_argument_group("statistics")
+    group.add_argument(
+        "--alpha",
+        type=float,
+        default=default("alpha"),
+        help="L1 penalty of each regression" + shown,
+    )
+    group.add_argument(
+        "--test-size",
+        type=float,
+        default=default("test_size"),
+        help="held-out fraction for test accuracy" + shown,
+    )
+    group.add_argument(
+        "--significance",
+        type=float,
+        default=default("significance"),
+        help="error rate of the correction" + shown,
+    )
+    group.add_argument(
+        "--correction",
+        choices=CORRECTIONS,
+        default=default("correction"),
+        help="bonferroni-layer (the notebook's 0.05/neurons per layer), bonferroni (over all "
+        "neurons) or fdr-bh (Benjamini-Hochberg over all neurons)" + shown,
+    )
+    group.add_argument(
+        "--test",
+        choices=TESTS,
+        default=default("test"),
+        help="p-value that decides significance: wald (the notebook's) or lr (likelihood "
+        "ratio, valid under separation)" + shown,
+    )
+    group.add_argument(
+        "--split-by-document",
+        action=argparse.BooleanOptionalAction,
+        default=default("split_by_document"),
+        help="keep each document's contexts on one side of the split and in one fold" + shown,
+    )
+    group.add_argument(
+        "--cv",
+        type=int,
+        default=default("cv"),
+        help="folds of the cross-validated accuracy, 0 for none" + shown,
+    )
+    group.add_argument(
+        "--shuffled-control",
+        action=argparse.BooleanOptionalAction,
+        default=default("shuffled_control"),
+        help="also fit on permuted labels: how many neurons pass by chance" + shown,
+    )
+    group.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default=default("engine"),
+        help="fast (compiled CPU kernel, torch on a GPU), torch, or statsmodels (the "
+        "notebook's own call per neuron, slow)" + shown,
+    )
+    group.add_argument(
+        "--layer",
+        type=int,
+        default=default("figure_layer"),
+        dest="figure_layer",
+        help="layer shown in the per-neuron figures" + shown,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     defaults = RunConfig()
     parser = argparse.ArgumentParser(
@@ -153,25 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="comma-separated layers to record (default: all)",
     )
-    run.add_argument(
-        "--layer",
-        type=int,
-        default=defaults.figure_layer,
-        dest="figure_layer",
-        help="layer shown in the per-neuron figures (default %(default)s)",
-    )
-    run.add_argument(
-        "--alpha",
-        type=float,
-        default=defaults.alpha,
-        help="L1 penalty of each regression (default %(default)s)",
-    )
-    run.add_argument(
-        "--test-size",
-        type=float,
-        default=defaults.test_size,
-        help="held-out fraction for test accuracy (default %(default)s)",
-    )
+    _add_statistics_options(run, defaults)
     run.add_argument(
         "--batch-size",
         type=int,
@@ -207,6 +264,25 @@ def build_parser() -> argparse.ArgumentParser:
         description="Scan the corpus and write contexts.parquet and run.json into --out.",
     )
     _add_context_options(contexts)
+    probe = commands.add_parser(
+        "probe",
+        help="refit the statistics of a run from its stored activations (new alpha, "
+        "correction, test, seed...)",
+        description="Read run.json, contexts.parquet and activations.npy from --out, refit "
+        "every neuron with the settings given (the others as recorded), and rewrite the "
+        "tables and figures; the earlier ones are kept under history/.",
+    )
+    probe.add_argument("--out", type=Path, required=True, help="a run directory")
+    probe.add_argument("--quiet", action="store_true", help="no stage messages")
+    probe.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        dest="statistics_seed",
+        help="seed of the split, folds and shuffled labels (default: the run's); the contexts "
+        "stay those the run sampled",
+    )
+    _add_statistics_options(probe, None)
     return parser
 
 
@@ -221,7 +297,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for noisy in ("transformers", "huggingface_hub", "datasets", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
-        return _sites(args) if args.command == "sites" else _run(args)
+        if args.command == "sites":
+            return _sites(args)
+        if args.command == "probe":
+            return _probe(args)
+        return _run(args)
     except NeuronprobeError as error:
         print(f"neuronprobe: error: {error}", file=sys.stderr)
         return 2
@@ -290,9 +370,7 @@ def _run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         # `contexts` has no options for the later stages: their defaults are recorded.
         layers=getattr(args, "layers", defaults.layers),
-        figure_layer=getattr(args, "figure_layer", defaults.figure_layer),
-        alpha=getattr(args, "alpha", defaults.alpha),
-        test_size=getattr(args, "test_size", defaults.test_size),
+        **{name: getattr(args, name, getattr(defaults, name)) for name in _STATISTICS_OPTIONS},
         batch_size=getattr(args, "batch_size", defaults.batch_size),
         site=getattr(args, "site", defaults.site),
         position=getattr(args, "position", defaults.position),
@@ -314,14 +392,52 @@ def _run(args: argparse.Namespace) -> int:
         )
         print(f"neuronprobe: contexts in {result.directory / 'contexts.parquet'}")
         return 0
-    top = layers.sort_values("percent_significant", ascending=False).head(3)
     print(
         f"neuronprobe: {counts['kept_per_class']} contexts per class from "
-        f"{counts['documents_scanned']} documents; "
-        f"{int(layers['significant'].sum())} of {int(layers['neurons'].sum())} neurons significant "
-        f"(Bonferroni per layer); most in layers "
+        f"{counts['documents_scanned']} documents; " + _summary(result.record, layers)
+    )
+    print(f"neuronprobe: results in {result.directory}")
+    return 0
+
+
+#: RunConfig fields set by the statistics options (the same names as the attributes).
+_STATISTICS_OPTIONS = (
+    "alpha",
+    "test_size",
+    "significance",
+    "correction",
+    "test",
+    "split_by_document",
+    "cv",
+    "shuffled_control",
+    "engine",
+    "figure_layer",
+)
+
+
+def _summary(record: dict[str, Any], layers: Any) -> str:
+    """One line: how many neurons are significant, by which decision, in which layers."""
+    statistics = record["statistics"]
+    top = layers.sort_values("percent_significant", ascending=False).head(3)
+    line = (
+        f"{int(layers['significant'].sum())} of {int(layers['neurons'].sum())} neurons "
+        f"significant ({statistics['test']} test, {statistics['correction']} "
+        f"{statistics['significance']}); most in layers "
         + ", ".join(f"{int(r.layer)} ({r.percent_significant:.1f}%)" for r in top.itertuples())
     )
+    if statistics.get("significant_shuffled") is not None:
+        line += f"; {statistics['significant_shuffled']} with shuffled labels"
+    return line
+
+
+def _probe(args: argparse.Namespace) -> int:
+    changes = {
+        name: getattr(args, name) for name in _STATISTICS_OPTIONS if getattr(args, name) is not None
+    }
+    from neuronprobe.pipeline import probe
+
+    result = probe(args.out, **changes)
+    print("neuronprobe: " + _summary(result.record, result.layers))
     print(f"neuronprobe: results in {result.directory}")
     return 0
 

@@ -13,6 +13,13 @@ from typing import Any
 from neuronprobe.contexts import Contrast
 from neuronprobe.errors import NeuronprobeError, check_known_keys
 
+#: Engines of ``statistics.fit_neuron_logits``.
+ENGINES = ("fast", "torch", "statsmodels")
+#: Multiple-comparison corrections of ``statistics.adjust_pvalues``.
+CORRECTIONS = ("bonferroni-layer", "bonferroni", "fdr-bh")
+#: Which p-value decides significance: the notebook's Wald test or the likelihood ratio.
+TESTS = ("wald", "lr")
+
 
 @dataclass
 class RunConfig:
@@ -52,10 +59,31 @@ class RunConfig:
     test_size:
         Fraction of contexts held out for test accuracy (stratified, one split for all neurons).
     significance:
-        Family-wise error rate; the threshold is ``significance / neurons per layer``
-        (Bonferroni per layer, as the notebook).
+        The error rate the correction controls (family-wise for Bonferroni, false discovery
+        rate for ``fdr-bh``); the notebook's threshold is ``0.05 / neurons per layer``.
+    correction:
+        ``bonferroni-layer`` (the notebook's: ``significance / neurons per layer``),
+        ``bonferroni`` (over all neurons of the model) or ``fdr-bh`` (Benjamini-Hochberg over
+        all neurons).
+    test:
+        Which p-value decides significance: ``wald`` (the notebook's, from the penalised fit)
+        or ``lr`` (likelihood ratio of the unpenalised fit; valid under separation).
+    split_by_document:
+        Keep all contexts of a document on one side of the train/test split (and in one
+        cross-validation fold); off by default, as the notebook.
+    cv:
+        Folds of the cross-validated accuracy (``cv_acc``); 0 for none.
+    shuffled_control:
+        Refit every neuron on permuted training labels and report how many pass by chance.
+    engine:
+        ``fast`` (compiled CPU kernel, or torch on a GPU), ``torch``, or ``statsmodels`` (the
+        notebook's own call per neuron, in parallel processes; slow).
     seed:
-        Seeds every random choice: class balancing and the train/test split.
+        Seeds every random choice: class balancing, the train/test split, the folds and the
+        shuffled labels.
+    statistics_seed:
+        If set, seeds the split, the folds and the shuffled labels instead of ``seed`` (what
+        ``neuronprobe probe --seed`` changes: the contexts stay those ``seed`` sampled).
     figure_layer:
         Layer shown in the per-neuron figures (the notebook's ``whichLayer2use``).
     device:
@@ -80,7 +108,14 @@ class RunConfig:
     alpha: float = 0.1
     test_size: float = 0.2
     significance: float = 0.05
+    correction: str = "bonferroni-layer"
+    test: str = "wald"
+    split_by_document: bool = False
+    cv: int = 0
+    shuffled_control: bool = True
+    engine: str = "fast"
     seed: int = 0
+    statistics_seed: int | None = None
     figure_layer: int = 3
     device: str = "auto"
     dtype: str = "float32"
@@ -104,6 +139,17 @@ class RunConfig:
             raise NeuronprobeError(
                 f"--significance must be between 0 and 1 (got {self.significance})."
             )
+        for name, value, allowed in (
+            ("correction", self.correction, CORRECTIONS),
+            ("test", self.test, TESTS),
+            ("engine", self.engine, ENGINES),
+        ):
+            if value not in allowed:
+                raise NeuronprobeError(
+                    f"--{name} must be one of {', '.join(allowed)} (got {value!r})."
+                )
+        if self.cv == 1 or self.cv < 0:
+            raise NeuronprobeError(f"--cv must be 0 (none) or at least 2 folds (got {self.cv}).")
         if self.batch_size < 1:
             raise NeuronprobeError(f"--batch-size must be >= 1 (got {self.batch_size}).")
 

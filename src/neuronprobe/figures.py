@@ -49,12 +49,15 @@ def _layer_rows(neurons: pd.DataFrame, layer: int) -> pd.DataFrame:
     return rows
 
 
-def neuron_figure(neurons: pd.DataFrame, layer: int, contrast_name: str = "can") -> Figure:
+def neuron_figure(
+    neurons: pd.DataFrame, layer: int, contrast_name: str = "can", pvalue: str = "pvalue"
+) -> Figure:
     """The notebook's part 3a figure for one layer.
 
     Panels: (A) beta of every neuron by index; (B) -log10(p) against beta; (C) against train
     accuracy; (D) against test accuracy. Red = positive beta, green = negative; circles are
-    significant (p below the Bonferroni threshold), crosses are not.
+    significant (p below the layer's threshold), crosses are not.  ``pvalue`` names the column
+    plotted: ``pvalue`` (Wald, the notebook's) or ``pvalue_lr``.
     """
     plt = _pyplot()
     from matplotlib.gridspec import GridSpec
@@ -63,7 +66,7 @@ def neuron_figure(neurons: pd.DataFrame, layer: int, contrast_name: str = "can")
     index = rows["neuron"].to_numpy()
     beta = rows["beta"].to_numpy()
     with np.errstate(divide="ignore", invalid="ignore"):
-        logp = -np.log10(rows["pvalue"].to_numpy())
+        logp = -np.log10(rows[pvalue].to_numpy())
     train = rows["train_acc"].to_numpy()
     test = rows["test_acc"].to_numpy()
     threshold = float(rows["threshold"].iloc[0])
@@ -150,7 +153,11 @@ def accuracy_figure(neurons: pd.DataFrame, layer: int) -> Figure:
 
 def layers_figure(layers: pd.DataFrame) -> Figure:
     """The notebook's part 4 figure: (A) percent significant neurons per layer; (B) mean train
-    and test accuracy of the significant neurons with positive and negative betas."""
+    and test accuracy of the significant neurons with positive and negative betas.
+
+    Where the table has the shuffled-label control, panel A also shows the percent of neurons
+    that pass the same threshold with permuted labels (chance), as a grey line.
+    """
     plt = _pyplot()
     x = layers["layer"].to_numpy()
     with plt.rc_context(STYLE):
@@ -158,6 +165,16 @@ def layers_figure(layers: pd.DataFrame) -> Figure:
         axs[0].plot(
             x, layers["percent_significant"], "kH", markerfacecolor=[0.9, 0.7, 0.9], markersize=12
         )
+        if "percent_significant_shuffled" in layers.columns:
+            axs[0].plot(
+                x,
+                layers["percent_significant_shuffled"],
+                "x-",
+                color=[0.5, 0.5, 0.5],
+                markersize=5,
+                label="Shuffled labels (chance)",
+            )
+            axs[0].legend(fontsize=8)
         axs[0].set(
             xlabel="Layer",
             ylabel="Percent significant neurons (%)",

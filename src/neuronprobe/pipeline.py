@@ -11,6 +11,7 @@ import importlib.metadata
 import json
 import logging
 import platform
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from neuronprobe import rundir
@@ -294,49 +296,196 @@ def _run_stages(
         "position": config.position,
     }
 
-    with stage("statistics"):
+    outputs = _statistics_and_figures(
+        config, activations, contexts.labels, contexts.document_ids, layers, directory, record
+    )
+    result = _finish(directory, record)
+    result.neurons, result.layers, result.figures = outputs
+    return result
+
+
+def _statistics_and_figures(
+    config: RunConfig,
+    activations: Any,
+    labels: Any,
+    document_ids: list[str],
+    layers: list[int],
+    directory: Path,
+    record: dict[str, Any],
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+    """Fit every neuron, write the tables and figures, and record the statistics in ``record``.
+
+    ``activations`` is ``[layers, contexts, neurons]`` (a memory map is read layer by layer).
+    """
+    timings: dict[str, float] = record["timings_s"]
+    seed = config.seed if config.statistics_seed is None else config.statistics_seed
+    with _timed(timings, "statistics"):
         fits = fit_neuron_logits(
             activations,
-            contexts.labels,
+            labels,
             alpha=config.alpha,
             test_size=config.test_size,
-            seed=config.seed,
+            seed=seed,
+            groups=np.asarray(document_ids) if config.split_by_document else None,
+            engine=config.engine,
+            cv=config.cv or None,
+            shuffled_control=config.shuffled_control,
         )
-        neurons = neuron_table(fits, layers, config.significance)
+        neurons = neuron_table(
+            fits, layers, config.significance, correction=config.correction, test=config.test
+        )
         layers_profile = layer_table(neurons)
         with rundir.atomic_path(directory / rundir.NEURONS) as temporary:
             neurons.to_parquet(temporary, index=False)
         with rundir.atomic_path(directory / rundir.LAYERS) as temporary:
             layers_profile.to_csv(temporary, index=False)
+    per_layer = int(activations.shape[2])
     record["statistics"] = {
-        "model": "L1-penalised logistic regression per neuron (statsmodels' objective, exact optimum)",
+        "model": "L1-penalised logistic regression per neuron (statsmodels' objective, exact "
+        "optimum)",
+        "engine": config.engine,
         "alpha": config.alpha,
         "train_contexts": int(fits.train_mask.sum()),
         "test_contexts": int((~fits.train_mask).sum()),
-        "split": f"one stratified split shared by all neurons (test_size={config.test_size}, seed={config.seed})",
+        "split": (
+            f"one stratified split shared by all neurons (test_size={config.test_size}, "
+            f"seed={seed}" + (", whole documents on one side)" if config.split_by_document else ")")
+        ),
+        "test": config.test,
         "pvalue": "Wald, statsmodels' formula; NaN where the slope is 0",
-        "correction": "bonferroni per layer",
-        "threshold": config.significance / shape[2],
+        "pvalue_lr": "likelihood ratio of the unpenalised logit against the intercept-only "
+        "model, chi-square with 1 degree of freedom",
+        "correction": config.correction,
+        "significance": config.significance,
+        "threshold": (
+            config.significance / per_layer
+            if config.correction == "bonferroni-layer"
+            else float(neurons["threshold"].iloc[0])
+        ),
         "significant_neurons": int(neurons["significant"].sum()),
+        "significant_shuffled": (
+            int(neurons["significant_shuffled"].sum())
+            if "significant_shuffled" in neurons.columns
+            else None
+        ),
+        "cv": config.cv,
         "not_converged": int((~fits.converged).sum()),
         "constant_neurons": int(fits.constant.sum()),
+        "separated_neurons": int(fits.separated.sum()),
     }
 
-    with stage("figures"):
+    with _timed(timings, "figures"):
+        pvalue = "pvalue" if config.test == "wald" else "pvalue_lr"
         figures = {
             f"neurons_layer{config.figure_layer}": neuron_figure(
-                neurons, config.figure_layer, config.contrast.negative_name
+                neurons, config.figure_layer, config.contrast.negative_name, pvalue=pvalue
             ),
             f"accuracy_layer{config.figure_layer}": accuracy_figure(neurons, config.figure_layer),
             "layers": layers_figure(layers_profile),
         }
         for name, figure in figures.items():
             save_figure(figure, directory / rundir.FIGURES / name)
-
     record["stages"].update(activations="complete", statistics="complete", figures="complete")
+    return neurons, layers_profile, figures
+
+
+#: Settings ``probe`` may change: they act only on the statistics and the figures.
+STATISTICS_SETTINGS = (
+    "alpha",
+    "test_size",
+    "significance",
+    "correction",
+    "test",
+    "split_by_document",
+    "cv",
+    "shuffled_control",
+    "engine",
+    "statistics_seed",
+    "figure_layer",
+)
+
+
+def probe(out: Path | str, **changes: Any) -> RunResult:
+    """Refit the statistics of a finished run from its stored activations (no model needed).
+
+    ``neuronprobe probe --out RUN_DIR``: reads ``run.json``, ``contexts.parquet`` and
+    ``activations.npy`` from ``out``, applies ``changes`` (any of
+    :data:`STATISTICS_SETTINGS`: a new alpha, correction, test, seed...), refits every neuron
+    and rewrites the tables, figures and ``run.json``.  The tables and figures it replaces,
+    when the settings differ, are first moved to ``history/<time of the earlier statistics>/``:
+    a refit never destroys earlier results.
+
+    ``statistics_seed`` changes the split, folds and shuffled labels but not which contexts
+    were sampled (those are in ``contexts.parquet``, drawn with ``seed``).
+    """
+    directory = Path(out)
+    try:
+        record = rundir.read_json(directory / rundir.RUN_JSON)
+    except (OSError, ValueError) as error:
+        raise NeuronprobeError(
+            f"--out {directory} holds no readable run.json ({error}); name a run directory "
+            "written by `neuronprobe run`."
+        ) from error
+    stages = record.get("stages", {})
+    if stages.get("activations") != "complete" or not (directory / rundir.ACTIVATIONS).is_file():
+        raise NeuronprobeError(
+            f"--out {directory} has no finished activations; run `neuronprobe run --out "
+            f"{directory}` first (it resumes an unfinished run)."
+        )
+    unknown = sorted(set(changes) - set(STATISTICS_SETTINGS))
+    if unknown:
+        raise NeuronprobeError(
+            f"probe cannot change {', '.join(unknown)}: they decide the contexts or "
+            "activations; start a new run instead."
+        )
+    config = RunConfig.from_dict({**record["config"], **changes})
+    layers = list(record["activations"]["layers"])
+    if config.figure_layer not in layers:
+        raise NeuronprobeError(
+            f"--layer {config.figure_layer} is not among the recorded layers {layers}."
+        )
+    _archive_statistics(directory, record)
+    contexts = load_contexts(directory / rundir.CONTEXTS)
+    activations = np.load(directory / rundir.ACTIVATIONS, mmap_mode="r")
+    record["config"] = config.to_dict()
+    record["status"] = "running"
+    record["stages"]["statistics"] = "running"
+    record["probed"] = datetime.now(UTC).isoformat(timespec="seconds")
+    rundir.write_json(directory / rundir.RUN_JSON, record)
+    try:
+        outputs = _statistics_and_figures(
+            config, activations, contexts.labels, contexts.document_ids, layers, directory, record
+        )
+    except BaseException as error:
+        record["status"] = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+        record["stages"]["statistics"] = "failed"
+        record["error"] = f"{type(error).__name__}: {error}"
+        rundir.write_json(directory / rundir.RUN_JSON, record)
+        raise
     result = _finish(directory, record)
-    result.neurons, result.layers, result.figures = neurons, layers_profile, figures
+    result.neurons, result.layers, result.figures = outputs
     return result
+
+
+def _archive_statistics(directory: Path, record: dict[str, Any]) -> None:
+    """Move the current tables, figures and run.json to ``history/<finished>/``."""
+    if record.get("stages", {}).get("statistics") != "complete":
+        return
+    stamp = str(record.get("finished", "unknown")).replace(":", "").replace("+0000", "")
+    target = directory / "history" / stamp
+    suffix = 1
+    while target.exists():
+        suffix += 1
+        target = directory / "history" / f"{stamp}-{suffix}"
+    target.mkdir(parents=True)
+    for name in (rundir.NEURONS, rundir.LAYERS, rundir.FIGURES):
+        source = directory / name
+        if source.is_dir():
+            shutil.copytree(source, target / name)
+        elif source.is_file():
+            shutil.copy2(source, target / name)
+    rundir.write_json(target / rundir.RUN_JSON, record)
+    logger.info("earlier statistics kept in %s", target)
 
 
 def _finish(directory: Path, record: dict[str, Any]) -> RunResult:

@@ -51,6 +51,7 @@ import pandas as pd
 import torch
 from scipy import stats
 
+from neuronprobe.config import CORRECTIONS, ENGINES, TESTS
 from neuronprobe.errors import NeuronprobeError
 
 __all__ = [
@@ -66,13 +67,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-#: Engines of :func:`fit_neuron_logits`.
-ENGINES = ("fast", "torch", "statsmodels")
-#: Multiple-comparison corrections of :func:`adjust_pvalues`.
-CORRECTIONS = ("bonferroni-layer", "bonferroni", "fdr-bh")
-#: Which p-value decides significance: the notebook's Wald test or the likelihood ratio.
-TESTS = ("wald", "lr")
 
 
 class FitInputError(NeuronprobeError, ValueError):

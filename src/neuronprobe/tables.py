@@ -1,8 +1,8 @@
 """Stage 5a, tables: the per-neuron table and the laminar (per-layer) profile.
 
 Entry points: :func:`neuron_table` (fits -> one row per layer and neuron, with the
-Bonferroni decision) and :func:`layer_table` (neuron table -> one row per layer, the notebook's
-part 4).
+multiple-comparison decision) and :func:`layer_table` (neuron table -> one row per layer, the
+notebook's part 4, plus the shuffled-label control where the fits have it).
 """
 
 from __future__ import annotations
@@ -12,11 +12,15 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from neuronprobe.statistics import NeuronFits
+from neuronprobe.statistics import NeuronFits, adjust_pvalues
 
 
 def neuron_table(
-    fits: NeuronFits, layers: Sequence[int], significance: float = 0.05
+    fits: NeuronFits,
+    layers: Sequence[int],
+    significance: float = 0.05,
+    correction: str = "bonferroni-layer",
+    test: str = "wald",
 ) -> pd.DataFrame:
     """One row per (layer, neuron) with the significance decision.
 
@@ -27,16 +31,25 @@ def neuron_table(
     layers:
         The model layer of each row of ``fits`` (``fits.beta[i]`` is layer ``layers[i]``).
     significance:
-        Family-wise error rate per layer; ``threshold = significance / neurons per layer``
-        (the notebook's Bonferroni correction, ``.05 / 4096`` for gpt2-medium).
+        Error rate of the correction (0.05 in the notebook).
+    correction:
+        ``bonferroni-layer`` (the notebook's ``significance / neurons per layer``),
+        ``bonferroni`` (over all recorded neurons) or ``fdr-bh`` (Benjamini-Hochberg over all
+        recorded neurons); see :func:`neuronprobe.statistics.adjust_pvalues`.
+    test:
+        ``wald`` (the notebook's ``pvalue``) or ``lr`` (``pvalue_lr``) decides significance.
 
     Returns
     -------
     pandas.DataFrame
-        Columns ``layer, neuron, beta, intercept, beta_se, pvalue, threshold, significant,
-        direction, train_acc, test_acc, converged, constant``; ``significant`` is
-        ``pvalue < threshold`` (False where the slope is 0 and p is NaN); ``direction`` is
-        ``positive`` (beta > 0: higher activation -> positive class), ``negative`` or ``zero``.
+        Columns ``layer, neuron, beta, intercept, beta_se, pvalue, pvalue_lr, pvalue_adj,
+        threshold, significant, direction, auc, train_acc, test_acc, [cv_acc], separated,
+        converged, constant, [pvalue_shuffled, pvalue_lr_shuffled, significant_shuffled]``.
+        ``pvalue_adj`` is the chosen test's p-value after the correction; ``significant`` is
+        the raw p-value below the layer's ``threshold`` (Bonferroni, strictly, as the
+        notebook) or at or below it (BH's cut-off), never where the p-value is NaN; ``direction`` is ``positive``
+        (beta > 0: higher activation -> positive class), ``negative`` or ``zero``;
+        ``significant_shuffled`` applies the same decision to the shuffled-label control.
     """
     if fits.beta.ndim != 2 or fits.beta.shape[0] != len(layers):
         raise ValueError(
@@ -44,16 +57,31 @@ def neuron_table(
         )
     table = fits.to_frame()
     table["layer"] = np.asarray(layers, dtype=np.int64)[table["layer"].to_numpy()]
-    n_neurons = fits.beta.shape[1]
-    threshold = significance / n_neurons
-    table.insert(table.columns.get_loc("pvalue") + 1, "threshold", threshold)
-    significant = (table["pvalue"] < threshold).fillna(False).astype(bool)
-    table.insert(table.columns.get_loc("threshold") + 1, "significant", significant)
+    raw = fits.pvalue if test == "wald" else fits.pvalue_lr
+    adjusted, threshold = adjust_pvalues(raw, correction, significance)
+    significant = _decide(raw, threshold, correction)
+    at = table.columns.get_loc("pvalue_lr") + 1
+    table.insert(at, "pvalue_adj", adjusted.ravel())
+    table.insert(at + 1, "threshold", np.repeat(threshold, fits.beta.shape[1]))
+    table.insert(at + 2, "significant", significant.ravel())
     direction = np.select(
         [table["beta"] > 0, table["beta"] < 0], ["positive", "negative"], default="zero"
     )
-    table.insert(table.columns.get_loc("significant") + 1, "direction", direction)
+    table.insert(at + 3, "direction", direction)
+    if "pvalue_shuffled" in table.columns:
+        control = fits.pvalue_shuffled if test == "wald" else fits.pvalue_lr_shuffled
+        _, control_threshold = adjust_pvalues(control, correction, significance)
+        table["significant_shuffled"] = _decide(control, control_threshold, correction).ravel()
     return table
+
+
+def _decide(pvalues: np.ndarray, threshold: np.ndarray, correction: str) -> np.ndarray:
+    """Significance per neuron ``[layers, neurons]``: the notebook's ``p < threshold`` for
+    Bonferroni, Benjamini-Hochberg's ``p <= cut-off``; never for a NaN p-value."""
+    limit = threshold[:, None]
+    with np.errstate(invalid="ignore"):
+        passed = pvalues <= limit if correction == "fdr-bh" else pvalues < limit
+    return np.asarray(passed & ~np.isnan(pvalues))
 
 
 def layer_table(neurons: pd.DataFrame) -> pd.DataFrame:
@@ -69,9 +97,11 @@ def layer_table(neurons: pd.DataFrame) -> pd.DataFrame:
     pandas.DataFrame
         One row per layer: ``layer, neurons, significant, percent_significant,
         significant_positive, significant_negative, train_acc_positive, train_acc_negative,
-        test_acc_positive, test_acc_negative`` (accuracies are means over the significant
-        neurons with positive / negative betas, NaN where there are none: the notebook's
-        part 4B).
+        test_acc_positive, test_acc_negative, auc_significant`` (accuracies and AUC are means
+        over the significant neurons with positive / negative betas, or all significant
+        neurons, NaN where there are none: the notebook's part 4B), plus
+        ``significant_shuffled, percent_significant_shuffled`` (the shuffled-label control:
+        how many pass by chance) where the table has the control.
     """
     rows = []
     for layer, group in neurons.groupby("layer", sort=True):
@@ -90,5 +120,12 @@ def layer_table(neurons: pd.DataFrame) -> pd.DataFrame:
             accuracy = group[f"{split}_acc"].to_numpy()
             for name, mask in (("positive", positive), ("negative", negative)):
                 row[f"{split}_acc_{name}"] = float(accuracy[mask].mean()) if mask.any() else np.nan
+        if "auc" in group.columns:
+            auc = group["auc"].to_numpy()
+            row["auc_significant"] = float(auc[significant].mean()) if significant.any() else np.nan
+        if "significant_shuffled" in group.columns:
+            shuffled = group["significant_shuffled"].to_numpy()
+            row["significant_shuffled"] = int(shuffled.sum())
+            row["percent_significant_shuffled"] = 100.0 * shuffled.mean()
         rows.append(row)
     return pd.DataFrame(rows)

@@ -27,8 +27,8 @@ Measured in the same run, on the same machine:
   /proc/self/clear_refs, and the peak after the fit minus that RSS is reported;
 * the full table on a GPU (torch solver on a CUDA tensor), only if one is visible.
 
-    python benchmarks/bench_probe.py            # all of it (~2-3 min here, idle)
-    python benchmarks/bench_probe.py --quick    # 4 x 4,096 neurons, smoke test (~30 s)
+    python benchmarks/bench_probe.py            # all of it (~2 min here)
+    python benchmarks/bench_probe.py --quick    # 4 x 4,096 neurons, smoke test (~1 min)
 
 Prints one table: each figure, its target (time targets scale with the neuron count under
 --quick), its speed-up over the statsmodels loop (one process), and pass/fail; then the sanity
@@ -76,10 +76,10 @@ KIND_SHARES = {
     "constant": 0.001,
 }
 KINDS = ("null", *KIND_SHARES)
-HEADER = ("figure", "measured", "target", "vs statsmodels", "pass")
-_STARTUP_SLEEP_S = 0.2
 RELU_SHARE = 0.20  # of the non-constant, non-separating neurons: ReLU-like, many exact zeros
 HEAVY_SHARE = 0.10  # of the others: Student-t(4) noise instead of Gaussian
+HEADER = ("figure", "measured", "target", "vs statsmodels", "pass")
+_STARTUP_SLEEP_S = 0.2  # each start-up worker waits this long after its imports
 
 
 # ----------------------------------------------------------------------------------------------
@@ -365,6 +365,11 @@ def gpu_full_table(acts: np.ndarray, labels: np.ndarray, repeats: int) -> dict[s
 # ----------------------------------------------------------------------------------------------
 
 
+def times(ratio: float) -> str:
+    """A speed ratio, ``"1.6x"`` or ``"215x"``."""
+    return f"{ratio:.1f}x" if ratio < 10 else f"{ratio:,.0f}x"
+
+
 def verdict(ok: bool | None) -> str:
     return "-" if ok is None else ("pass" if ok else "FAIL")
 
@@ -456,9 +461,11 @@ def main() -> None:
     layer_of, neuron_of = np.divmod(flat, per_layer)
     sample = np.ascontiguousarray(acts[layer_of, :, neuron_of].T)  # [contexts, k]
     fit_neuron_logits(sample[:, :4], labels, engine="statsmodels", n_jobs=1)  # imports
+    cpu = cpu_seconds()
     start = time.perf_counter()
     sm_fits = fit_neuron_logits(sample, labels, engine="statsmodels", n_jobs=1)
     sm1_s = time.perf_counter() - start
+    sm1_cpu = cpu_seconds() - cpu
     sm1_total = sm1_s / k * n_total
     startup_s = statsmodels_startup(2)
     start = time.perf_counter()
@@ -471,7 +478,9 @@ def main() -> None:
     # (b) the notebook's own loop (a split per neuron) on non-constant sampled neurons.
     usable = np.flatnonzero(kinds[layer_of, neuron_of] != KINDS.index("constant"))
     m = min(args.neurons_notebook, usable.size)
+    cpu = cpu_seconds()
     loop_s, loop_raised = notebook_loop(sample[:, usable[:m]], labels)
+    loop_busy = (cpu_seconds() - cpu) / loop_s
     loop_total = loop_s / m * n_total
 
     # (e) the torch engine on the CPU, on a few layers.
@@ -504,7 +513,7 @@ def main() -> None:
     rows: list[tuple[str, str, str, str, str]] = []
 
     def speedup(seconds: float) -> str:
-        return f"{sm1_total / seconds:,.0f}x" if seconds > 0 else "-"
+        return times(sm1_total / seconds) if seconds > 0 else "-"
 
     rows.append(
         (
@@ -565,7 +574,7 @@ def main() -> None:
     rows.append(
         (
             "fast full table: speed-up over statsmodels, 1 process",
-            f"{sm1_total / full_s:,.0f}x",
+            times(sm1_total / full_s),
             f">= {TARGET_SPEEDUP:.0f}x",
             "",
             verdict(sm1_total / full_s >= TARGET_SPEEDUP),
@@ -574,7 +583,7 @@ def main() -> None:
     rows.append(
         (
             "fast full table: speed-up over the notebook's loop",
-            f"{loop_total / full_s:,.0f}x",
+            times(loop_total / full_s),
             "",
             "",
             "-",
@@ -583,7 +592,7 @@ def main() -> None:
     rows.append(
         (
             "fast full table: speed-up over statsmodels, 2 processes",
-            f"{sm2_total / full_s:,.0f}x",
+            times(sm2_total / full_s),
             "",
             "",
             "-",
@@ -632,7 +641,14 @@ def main() -> None:
     )
     print(
         f"(cores busy, CPU s / wall s: fast full table {full_busy:.2f}, notebook quantities "
-        f"{nbq_busy:.2f}, torch {torch_busy:.2f})"
+        f"{nbq_busy:.2f}, torch {torch_busy:.2f}, statsmodels 1 process {sm1_cpu / sm1_s:.2f}, "
+        f"notebook's loop {loop_busy:.2f})"
+    )
+    # CPU seconds are far less sensitive than wall seconds to other processes on the cores.
+    print(
+        f"(CPU seconds, less sensitive to machine load: statsmodels 1 process "
+        f"{sm1_cpu / k * n_total:,.0f} s scaled, fast full table {full_busy * full_s:.2f} s, "
+        f"ratio {times(sm1_cpu / k * n_total / (full_busy * full_s))})"
     )
     print(
         f"(statsmodels engine per neuron: {1e3 * sm1_s / k:.1f} ms in 1 process, "

@@ -177,3 +177,15 @@ def test_sites_lists_every_site_with_its_width(tiny_gpt2_dir: Path) -> None:
         and "transformer.h.0.mlp.c_proj (input)" in lines[3]
     )
     assert lines[4].split()[:2] == ["resid.post", "64"] and "transformer.h.0 (output)" in lines[4]
+
+
+def test_probe_command_errors_are_one_line(tmp_path: Path) -> None:
+    for argv, message in (
+        (["probe", "--out", str(tmp_path / "missing")], "no readable run.json"),
+        (["run", "--cv", "1"], "--cv must be 0"),
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "neuronprobe", *argv], capture_output=True, text=True
+        )
+        assert result.returncode == 2, result.stderr
+        assert message in result.stderr and "Traceback" not in result.stderr

@@ -145,3 +145,53 @@ def test_contexts_stage_alone_then_run_reuses_them(tiny_gpt2_dir: Path, tmp_path
         with pytest.raises(NeuronprobeError, match="already holds files"):
             run(RunConfig(**{**config.__dict__, **changed}), out, progress=False)
     assert (out / "contexts.parquet").stat().st_mtime_ns == written
+
+
+def test_run_records_the_statistics_choices(tiny_run: Any) -> None:
+    statistics = tiny_run.record["statistics"]
+    assert statistics["correction"] == "bonferroni-layer" and statistics["test"] == "wald"
+    assert statistics["engine"] == "fast" and statistics["cv"] == 0
+    neurons = tiny_run.neurons
+    assert statistics["significant_shuffled"] == int(neurons["significant_shuffled"].sum())
+    assert {"pvalue_lr", "pvalue_adj", "auc", "separated", "pvalue_shuffled"} <= set(neurons)
+    assert "percent_significant_shuffled" in tiny_run.layers.columns
+
+
+def test_probe_refits_from_stored_activations(tiny_run: Any, tmp_path: Path) -> None:
+    import shutil
+
+    from neuronprobe.pipeline import probe
+
+    out = tmp_path / "copy"
+    shutil.copytree(tiny_run.directory, out)
+    original = (out / "neurons.parquet").read_bytes()
+    # Same settings: the stage command reproduces the run's table byte for byte.
+    same = probe(out)
+    assert (out / "neurons.parquet").read_bytes() == original
+    assert same.record["stages"]["statistics"] == "complete"
+    # New alpha, test, correction, folds and seed: the fit of the stored activations.
+    changed = probe(
+        out, alpha=0.5, test="lr", correction="fdr-bh", cv=3, statistics_seed=11, figure_layer=1
+    )
+    contexts = load_contexts(out / "contexts.parquet")
+    activations = np.load(out / "activations.npy", mmap_mode="r")
+    fits = fit_neuron_logits(
+        activations, contexts.labels, alpha=0.5, seed=11, cv=3, shuffled_control=True
+    )
+    neurons = pd.read_parquet(out / "neurons.parquet")
+    np.testing.assert_array_equal(neurons["beta"], fits.beta.ravel())
+    np.testing.assert_array_equal(neurons["cv_acc"], fits.cv_acc.ravel())
+    assert changed.record["config"]["alpha"] == 0.5
+    assert changed.record["config"]["seed"] == 3  # the contexts' seed is kept
+    assert changed.record["statistics"]["correction"] == "fdr-bh"
+    assert (out / "figures" / "neurons_layer1.png").is_file()
+    # Every earlier table is kept, never destroyed.
+    history = sorted((out / "history").iterdir())
+    assert len(history) == 2
+    assert (history[0] / "neurons.parquet").read_bytes() == original
+    assert (history[1] / "neurons.parquet").read_bytes() == original
+    # What decides contexts or activations cannot be changed by a refit.
+    with pytest.raises(NeuronprobeError, match="probe cannot change site"):
+        probe(out, site="resid.post")
+    with pytest.raises(NeuronprobeError, match="no readable run.json"):
+        probe(tmp_path / "nothing")

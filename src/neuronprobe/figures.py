@@ -108,7 +108,8 @@ def neuron_figure(
             title=f'A) Statistical parameters of "{contrast_name}" classification (layer {layer})',
         )
         ax0.legend(fontsize=8)
-        for ax in (ax1, ax2, ax3):
+        # A BH cut-off of 0 means no neuron passes: there is no line to draw.
+        for ax in (ax1, ax2, ax3) if threshold > 0 else ():
             ax.axhline(
                 -np.log10(threshold), linestyle="--", color="b", label="Significance threshold"
             )

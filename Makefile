@@ -33,6 +33,7 @@ test: setup
 bench: setup
 	$(BIN)/python benchmarks/bench_contexts.py
 	$(BIN)/python benchmarks/bench_activations.py
+	$(BIN)/python benchmarks/bench_probe.py
 	$(BIN)/python benchmarks/bench_run.py
 
 clean:

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from neuronprobe.config import RunConfig
     from neuronprobe.contexts import Contrast
     from neuronprobe.errors import NeuronprobeError
-    from neuronprobe.pipeline import RunResult, run
+    from neuronprobe.pipeline import RunResult, probe, run
     from neuronprobe.statistics import NeuronFits, fit_neuron_logits
 
 # Imported on first use, so that `neuronprobe --help` and input checks do not wait for torch.
@@ -28,6 +28,7 @@ _EXPORTS = {
     "RunConfig": "neuronprobe.config",
     "RunResult": "neuronprobe.pipeline",
     "fit_neuron_logits": "neuronprobe.statistics",
+    "probe": "neuronprobe.pipeline",
     "run": "neuronprobe.pipeline",
 }
 
@@ -38,6 +39,7 @@ __all__ = [
     "RunConfig",
     "RunResult",
     "fit_neuron_logits",
+    "probe",
     "run",
 ]
 __version__ = "0.1.0"

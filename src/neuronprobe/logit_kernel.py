@@ -56,6 +56,8 @@ _MAX_HALVINGS = 60
 _NEURONS_PER_BLOCK = 16  # 16 float32 = one 64-byte cache line per context row when gathering
 #: Gradient tolerance of the unpenalised fit: its log-likelihood is then exact to ~1e-12.
 _MLE_TOL = 1e-7
+#: Newton decrement below which the next unpenalised pass also computes the log-likelihood.
+_LAST_STEP_DECREMENT = 1e-6
 
 # Element-wise loops may contract and use approximate-free fast flags but must not reassociate:
 # Cody-Waite's two-part subtraction would lose its accuracy.  Reductions need 'reassoc' to
@@ -489,11 +491,14 @@ def _solve_mle(
             break
         scale1 = math.sqrt(s2 / s0) if s2 > 0.0 else 1.0
         best_residual = min(best_residual, max(abs(g0), abs(g1) / scale1))
+        # A small Newton decrement (-slope) means this step will very likely be the last:
+        # evaluate the log-likelihood in the same pass rather than in an extra one.
+        last = -slope < _LAST_STEP_DECREMENT
         loss_t, g0_t, g1_t, s0_t, s1_t, s2_t, abs_t = _evaluate(
-            xc, y, a0 + d0, b1 + d1, e, scale, False
+            xc, y, a0 + d0, b1 + d1, e, scale, last
         )
         if max(abs(g0_t), abs(g1_t) / scale1) <= 0.5 * best_residual:
-            a0, b1, loss = a0 + d0, b1 + d1, math.nan
+            a0, b1, loss = a0 + d0, b1 + d1, loss_t
             g0, g1, s0, s1, s2, abs_g1 = g0_t, g1_t, s0_t, s1_t, s2_t, abs_t
             continue
         if math.isnan(loss):

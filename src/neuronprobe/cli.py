@@ -22,6 +22,9 @@ from neuronprobe.models import DTYPES
 
 logger = logging.getLogger("neuronprobe")
 
+#: The subcommands' parsers, by name (filled by :func:`build_parser`).
+_COMMANDS: dict[str, argparse.ArgumentParser] = {}
+
 
 def _layers(text: str) -> list[int]:
     try:
@@ -40,6 +43,14 @@ def _add_context_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--force", action="store_true", help="write into --out even if it already holds files"
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="take every setting from a .toml file or a run's run.json (to rerun it); options "
+        "given on the command line override it",
     )
     parser.add_argument(
         "--model",
@@ -132,6 +143,37 @@ def _add_context_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars or stage messages")
 
 
+def _add_activation_options(parser: argparse.ArgumentParser, defaults: RunConfig) -> None:
+    """Options that decide which activations are recorded."""
+    parser.add_argument(
+        "--layers",
+        type=_layers,
+        default=None,
+        help="comma-separated layers to record (default: all)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=defaults.batch_size,
+        help="contexts per forward pass (default %(default)s)",
+    )
+    parser.add_argument(
+        "--site",
+        default=defaults.site,
+        choices=SITES,
+        help="where neurons are read: mlp.pre (the MLP expansion before its non-linearity, "
+        "the notebook's), mlp.post (after it: the down projection's input) or resid.post "
+        "(the block's output) (default %(default)s)",
+    )
+    parser.add_argument(
+        "--position",
+        type=int,
+        default=defaults.position,
+        help="token of each context to read: -1 the last, the target (default); -2 the one "
+        "before; 0 the first",
+    )
+
+
 def _add_statistics_options(parser: argparse.ArgumentParser, defaults: RunConfig | None) -> None:
     """Options of the statistics stage; ``defaults=None`` leaves them unset (``probe``)."""
 
@@ -221,35 +263,20 @@ def build_parser() -> argparse.ArgumentParser:
         "neuron, and write tables and figures into a run directory. An --out folder that "
         "holds contexts from `neuronprobe contexts` with the same settings is reused.",
     )
+    _COMMANDS["run"] = run
     _add_context_options(run)
-    run.add_argument(
-        "--layers",
-        type=_layers,
-        default=None,
-        help="comma-separated layers to record (default: all)",
-    )
+    _add_activation_options(run, defaults)
     _add_statistics_options(run, defaults)
-    run.add_argument(
-        "--batch-size",
-        type=int,
-        default=defaults.batch_size,
-        help="contexts per forward pass (default %(default)s)",
+    activations = commands.add_parser(
+        "activations",
+        help="collect the contexts and record the activations (activations.npy); `run` or "
+        "`probe` with the same --out go on from there",
+        description="Scan the corpus and record every neuron's activation at each context into "
+        "--out, reusing contexts already there.",
     )
-    run.add_argument(
-        "--site",
-        default=defaults.site,
-        choices=SITES,
-        help="where neurons are read: mlp.pre (the MLP expansion before its non-linearity, "
-        "the notebook's), mlp.post (after it: the down projection's input) or resid.post "
-        "(the block's output) (default %(default)s)",
-    )
-    run.add_argument(
-        "--position",
-        type=int,
-        default=defaults.position,
-        help="token of each context to read: -1 the last, the target (default); -2 the one "
-        "before; 0 the first",
-    )
+    _COMMANDS["activations"] = activations
+    _add_context_options(activations)
+    _add_activation_options(activations, defaults)
     sites = commands.add_parser(
         "sites",
         help="list a model's neuron sites, layers and widths",
@@ -263,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="collect the contexts only (contexts.parquet); `run` with the same --out reuses them",
         description="Scan the corpus and write contexts.parquet and run.json into --out.",
     )
+    _COMMANDS["contexts"] = contexts
     _add_context_options(contexts)
     probe = commands.add_parser(
         "probe",
@@ -288,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``neuronprobe`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
@@ -301,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _sites(args)
         if args.command == "probe":
             return _probe(args)
-        return _run(args)
+        return _run(args, argv)
     except NeuronprobeError as error:
         print(f"neuronprobe: error: {error}", file=sys.stderr)
         return 2
@@ -310,9 +339,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def contrast_from_args(args: argparse.Namespace) -> Contrast:
-    """The contrast a command line asks for: a TOML file or the default, then the flags."""
-    contrast = Contrast.from_toml(args.contrast) if args.contrast else Contrast()
+def contrast_from_args(args: argparse.Namespace, base: Contrast | None = None) -> Contrast:
+    """The contrast a command line asks for: a TOML file or ``base``, then the flags."""
+    contrast = Contrast.from_toml(args.contrast) if args.contrast else (base or Contrast())
     if args.target is not None or args.positive is not None:
         target = contrast.target if args.target is None else args.target
         followers = contrast.positive_followers if args.positive is None else tuple(args.positive)
@@ -324,7 +353,8 @@ def contrast_from_args(args: argparse.Namespace) -> Contrast:
             positive_name=(target + followers[0]).strip() if followers else target.strip(),
             negative_name=target.strip(),
         )
-    if args.target is not None and args.contrast is None and args.exclude is None:
+    default_base = base is None or base == Contrast()
+    if args.target is not None and args.contrast is None and args.exclude is None and default_base:
         # The default exclusions are about "can" as a noun; a new target starts without them.
         contrast = dataclasses.replace(contrast, excluded_followers=())
     if args.exclude is not None:
@@ -355,33 +385,60 @@ def _sites(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(args: argparse.Namespace) -> int:
-    defaults = RunConfig()
-    config = RunConfig(
-        contrast=contrast_from_args(args),
-        model=args.model,
-        corpus=args.corpus,
-        text_column=args.text_column,
-        min_per_class=args.min_per_class,
-        drop_duplicates=args.drop_duplicates,
-        normalize_apostrophes=args.normalize_apostrophes,
-        seed=args.seed,
-        device=args.device,
-        dtype=args.dtype,
-        # `contexts` has no options for the later stages: their defaults are recorded.
-        layers=getattr(args, "layers", defaults.layers),
-        **{name: getattr(args, name, getattr(defaults, name)) for name in _STATISTICS_OPTIONS},
-        batch_size=getattr(args, "batch_size", defaults.batch_size),
-        site=getattr(args, "site", defaults.site),
-        position=getattr(args, "position", defaults.position),
-    )
+def _given(command: str, argv: Sequence[str]) -> set[str]:
+    """The destinations of the options written out on the command line (not defaults)."""
+    actions = _COMMANDS[command]._option_string_actions
+    given = set()
+    for token in argv:
+        if token.startswith("--"):
+            action = actions.get(token.split("=", 1)[0])
+            if action is not None:
+                given.add(action.dest)
+    return given
+
+
+#: Options whose destination is the RunConfig field of the same name.
+_CONFIG_OPTIONS = (
+    "model",
+    "corpus",
+    "text_column",
+    "min_per_class",
+    "drop_duplicates",
+    "normalize_apostrophes",
+    "seed",
+    "device",
+    "dtype",
+    "layers",
+    "batch_size",
+    "site",
+    "position",
+)
+_CONTRAST_OPTIONS = {"contrast", "target", "positive", "exclude", "context_length"}
+
+
+def config_from_args(args: argparse.Namespace, argv: Sequence[str]) -> RunConfig:
+    """The run's settings: ``--config`` (or the defaults), then the options given."""
+    base = RunConfig.from_file(args.config) if args.config else RunConfig()
+    given = _given(args.command, argv)
+    changes: dict[str, object] = {
+        name: getattr(args, name)
+        for name in (*_CONFIG_OPTIONS, *_STATISTICS_OPTIONS)
+        if name in given and hasattr(args, name)
+    }
+    if not args.config or given & _CONTRAST_OPTIONS:
+        changes["contrast"] = contrast_from_args(args, base.contrast if args.config else None)
+    return RunConfig.from_dict({**base.__dict__, **changes})
+
+
+def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    config = config_from_args(args, argv)
     # Heavy imports only once the settings are known to be valid.
     from transformers.utils import logging as hf_logging
 
     from neuronprobe.pipeline import run
 
     hf_logging.disable_progress_bar()
-    stop_after = "contexts" if args.command == "contexts" else None
+    stop_after = None if args.command == "run" else args.command
     result = run(config, args.out, force=args.force, progress=not args.quiet, stop_after=stop_after)
     counts = result.record["counts"]
     layers = result.layers
@@ -390,7 +447,14 @@ def _run(args: argparse.Namespace) -> int:
             f"neuronprobe: {counts['kept_per_class']} contexts per class from "
             f"{counts['documents_scanned']} documents"
         )
-        print(f"neuronprobe: contexts in {result.directory / 'contexts.parquet'}")
+        if "activations" in result.record:
+            shape = result.record["activations"]["shape"]
+            print(
+                f"neuronprobe: activations [layers, contexts, neurons] = {shape} in "
+                f"{result.directory / 'activations.npy'}"
+            )
+        else:
+            print(f"neuronprobe: contexts in {result.directory / 'contexts.parquet'}")
         return 0
     print(
         f"neuronprobe: {counts['kept_per_class']} contexts per class from "

@@ -7,7 +7,10 @@ A :class:`RunConfig` is all a run needs; ``run.json`` records it (see
 from __future__ import annotations
 
 import dataclasses
+import json
+import tomllib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from neuronprobe.contexts import Contrast
@@ -159,9 +162,72 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are an error that names them."""
+        """Inverse of :meth:`to_dict`; unknown or ill-typed keys are an error that names them."""
         check_known_keys(values, (f.name for f in dataclasses.fields(cls)), "config")
         values = dict(values)
         if isinstance(values.get("contrast"), dict):
             values["contrast"] = Contrast.from_dict(values["contrast"])
+        for name, value in values.items():
+            _check_type(name, value)
         return cls(**values)
+
+    @classmethod
+    def from_file(cls, path: Path | str) -> RunConfig:
+        """Settings from a TOML file or a run directory's ``run.json``.
+
+        A TOML file holds :class:`RunConfig`'s keys (``alpha = 0.1``, ``layers = [0, 3]``,
+        the contrast as a ``[contrast]`` table with :class:`~neuronprobe.contexts.Contrast`'s
+        keys); keys left out keep their defaults.  A ``run.json`` (or its folder) gives the
+        resolved config of that run, so ``neuronprobe run --config RUN_DIR/run.json`` reruns it.
+        """
+        path = Path(path)
+        if path.is_dir():
+            path = path / "run.json"
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as error:
+            raise NeuronprobeError(
+                f"--config {path}: cannot read it ({error.strerror or error}); name a .toml file "
+                "or a run directory's run.json."
+            ) from error
+        try:
+            if path.suffix == ".json":
+                data = json.loads(text)
+                data = data.get("config", data) if isinstance(data, dict) else data
+            else:
+                data = tomllib.loads(text)
+        except (ValueError, tomllib.TOMLDecodeError) as error:
+            raise NeuronprobeError(f"--config {path} is not valid: {error}") from error
+        if not isinstance(data, dict):
+            raise NeuronprobeError(f"--config {path} must hold a table of settings.")
+        return cls.from_dict(data)
+
+
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {}
+
+
+def _check_type(name: str, value: Any) -> None:
+    """A one-line error for a setting of the wrong type (``alpha = "0.1"``, ``cv = 2.5``)."""
+    if not _FIELD_TYPES:
+        hints = {"str": (str,), "int": (int,), "float": (float, int), "bool": (bool,)}
+        for item in dataclasses.fields(RunConfig):
+            kind = str(item.type)
+            if kind in hints:
+                _FIELD_TYPES[item.name] = hints[kind]
+            elif kind == "int | None":
+                _FIELD_TYPES[item.name] = (int, type(None))
+            elif kind == "list[int] | None":
+                _FIELD_TYPES[item.name] = (list, type(None))
+    allowed = _FIELD_TYPES.get(name)
+    if allowed is None:
+        return
+    wrong_bool = isinstance(value, bool) and bool not in allowed
+    if wrong_bool or not isinstance(value, allowed):
+        names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+        raise NeuronprobeError(
+            f"config key {name!r} must be {names}, got {value!r} ({type(value).__name__})."
+        )
+    if isinstance(value, list) and not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
+        raise NeuronprobeError(f"config key {name!r} must be a list of integers, got {value!r}.")

@@ -160,8 +160,9 @@ def run(
     progress:
         Show progress bars.
     stop_after:
-        ``"contexts"`` to collect and save the contexts only (``neuronprobe contexts``); a
-        later run with the same ``--out`` and context settings reuses them.
+        ``"contexts"`` to collect and save the contexts only (``neuronprobe contexts``), or
+        ``"activations"`` to stop after recording them (``neuronprobe activations``); a later
+        run with the same ``--out`` and settings reuses what is there.
 
     Returns
     -------
@@ -171,8 +172,10 @@ def run(
     config = config or RunConfig()
     # Cheap input checks (the corpus exists and is readable) before anything is written.
     corpus = open_corpus(config.corpus, text_column=config.text_column)
-    if stop_after not in (None, "contexts"):
-        raise ValueError(f"stop_after must be None or 'contexts', got {stop_after!r}")
+    if stop_after not in (None, "contexts", "activations"):
+        raise ValueError(
+            f"stop_after must be None, 'contexts' or 'activations', got {stop_after!r}"
+        )
     directory = Path(out) if out is not None else default_out()
     earlier = open_run_directory(directory, config, force)
     timings: dict[str, float] = {}
@@ -295,6 +298,8 @@ def _run_stages(
         "site": config.site,
         "position": config.position,
     }
+    if stop_after == "activations":
+        return _finish(directory, record)
 
     outputs = _statistics_and_figures(
         config, activations, contexts.labels, contexts.document_ids, layers, directory, record
@@ -337,6 +342,8 @@ def _statistics_and_figures(
         layers_profile = layer_table(neurons)
         with rundir.atomic_path(directory / rundir.NEURONS) as temporary:
             neurons.to_parquet(temporary, index=False)
+        with rundir.atomic_path(directory / rundir.NEURONS_CSV) as temporary:
+            neurons.to_csv(temporary, index=False)
         with rundir.atomic_path(directory / rundir.LAYERS) as temporary:
             layers_profile.to_csv(temporary, index=False)
     per_layer = int(activations.shape[2])
@@ -478,7 +485,7 @@ def _archive_statistics(directory: Path, record: dict[str, Any]) -> None:
         suffix += 1
         target = directory / "history" / f"{stamp}-{suffix}"
     target.mkdir(parents=True)
-    for name in (rundir.NEURONS, rundir.LAYERS, rundir.FIGURES):
+    for name in (rundir.NEURONS, rundir.NEURONS_CSV, rundir.LAYERS, rundir.FIGURES):
         source = directory / name
         if source.is_dir():
             shutil.copytree(source, target / name)

@@ -5,7 +5,8 @@ Layout of a run directory::
     run.json              config, seed, versions, model and corpus identity, counts, timings
     contexts.parquet      one row per context (tokens, text, label, document id)
     activations.npy       float32 [layers, contexts, neurons], memory-mappable
-    neurons.parquet       one row per (layer, neuron): beta, p-value, accuracies, significance
+    neurons.parquet       one row per (layer, neuron): beta, p-values, AUC, accuracies, significance
+    neurons.csv           the same table as CSV
     layers.csv            the laminar profile (notebook part 4)
     figures/*.png|svg     the notebook's three figures
 
@@ -25,6 +26,7 @@ from typing import Any
 CONTEXTS = "contexts.parquet"
 ACTIVATIONS = "activations.npy"
 NEURONS = "neurons.parquet"
+NEURONS_CSV = "neurons.csv"
 LAYERS = "layers.csv"
 RUN_JSON = "run.json"
 FIGURES = "figures"

@@ -189,3 +189,47 @@ def test_probe_command_errors_are_one_line(tmp_path: Path) -> None:
         )
         assert result.returncode == 2, result.stderr
         assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_stage_commands_reproduce_the_run(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
+    common = ["--min-per-class", "20", "--seed", "2", "--quiet"]
+    whole = tmp_path / "whole"
+    done = neuronprobe(
+        "run", "--model", str(tiny_gpt2_dir), "--out", str(whole), "--layer", "1", *common
+    )
+    assert done.returncode == 0, done.stderr
+    # The same run in stages: contexts, activations, then run --config from the first run.json.
+    staged = tmp_path / "staged"
+    for command in ("contexts", "activations"):
+        done = neuronprobe(command, "--model", str(tiny_gpt2_dir), "--out", str(staged), *common)
+        assert done.returncode == 0, done.stderr
+    assert "activations [layers, contexts, neurons] = [4, 40, 256]" in done.stdout
+    assert not (staged / "neurons.parquet").exists()
+    done = neuronprobe("run", "--config", str(whole / "run.json"), "--out", str(staged), "--quiet")
+    assert done.returncode == 0, done.stderr
+    for name in ("contexts.parquet", "activations.npy", "neurons.parquet", "neurons.csv"):
+        assert (staged / name).read_bytes() == (whole / name).read_bytes(), name
+    # probe with the recorded settings rewrites the same table.
+    done = neuronprobe("probe", "--out", str(staged), "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert (staged / "neurons.parquet").read_bytes() == (whole / "neurons.parquet").read_bytes()
+    # A command-line option overrides the config file.
+    other = tmp_path / "other"
+    done = neuronprobe(
+        "contexts", "--config", str(whole / "run.json"), "--seed", "5", "--out", str(other)
+    )
+    assert done.returncode == 0, done.stderr
+    assert '"seed": 5' in (other / "run.json").read_text()
+
+
+def test_bad_config_file_is_one_clear_line(tmp_path: Path) -> None:
+    for text, message in (
+        ("alfa = 0.1", "unknown config key(s) ['alfa']"),
+        ('alpha = "big"', "config key 'alpha' must be float or int"),
+        ("alpha = ", "is not valid"),
+    ):
+        path = tmp_path / "run.toml"
+        path.write_text(text)
+        done = neuronprobe("run", "--config", str(path), "--out", str(tmp_path / "x"))
+        assert done.returncode == 2, done.stderr
+        assert message in done.stderr and "Traceback" not in done.stderr

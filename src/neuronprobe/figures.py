@@ -236,3 +236,66 @@ def save_figure(
             figure.savefig(temporary, format=extension, dpi=STYLE["savefig.dpi"])
         written.append(target)
     return written
+
+
+def control_figure(layers: pd.DataFrame) -> Figure:
+    """The shuffled-label control per layer: percent significant with real and shuffled labels.
+
+    Two bars per layer: the percent of its neurons that pass the correction with the real labels
+    (purple) and with permuted training labels (grey, outlined so that a zero still shows). With
+    a working correction the grey bars stay near zero; the title gives both totals.
+
+    Parameters
+    ----------
+    layers:
+        A table from :func:`neuronprobe.tables.layer_table` of a run with the shuffled-label
+        control (columns ``percent_significant_shuffled`` and ``significant_shuffled``).
+
+    Raises
+    ------
+    ValueError
+        If the table has no shuffled-label control.
+    """
+    missing = {"percent_significant_shuffled", "significant_shuffled"} - set(layers.columns)
+    if missing:
+        raise ValueError(
+            "the layer table has no shuffled-label control (run with --shuffled-control)"
+        )
+    plt = _pyplot()
+    x = np.arange(len(layers))
+    real = layers["percent_significant"].to_numpy(dtype=float)
+    shuffled = layers["percent_significant_shuffled"].to_numpy(dtype=float)
+    total = int(layers["neurons"].sum())
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(12, 3.5))
+        width = 0.4
+        ax.bar(
+            x - width / 2,
+            real,
+            width,
+            color=[0.9, 0.7, 0.9],
+            edgecolor="k",
+            linewidth=0.5,
+            label="Real labels",
+        )
+        ax.bar(
+            x + width / 2,
+            shuffled,
+            width,
+            color=[0.6, 0.6, 0.6],
+            edgecolor=[0.3, 0.3, 0.3],
+            linewidth=0.8,
+            label="Shuffled labels (chance)",
+        )
+        ax.set_xticks(x, [str(layer) for layer in layers["layer"]])
+        ax.set(
+            xlabel="Layer",
+            ylabel="Percent significant neurons (%)",
+            title=(
+                f"Control: {int(layers['significant'].sum()):,} of {total:,} neurons pass with "
+                f"real labels, {int(layers['significant_shuffled'].sum()):,} with shuffled labels"
+            ),
+        )
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+    return fig

@@ -454,6 +454,7 @@ def _solve_mle(
     b1: float,
     start: tuple[float, float, float, float, float, float],
     tol: float,
+    x_rms: float,
     max_iter: int,
     e: np.ndarray,
     scale: np.ndarray,
@@ -473,8 +474,10 @@ def _solve_mle(
     best_residual = math.inf
     converged = False
     for _ in range(max_iter + 1):
+        # The slope's gradient is in units of x: its tolerance scales with the values' RMS,
+        # so that the test does not depend on the activations' scale.
         floor1 = 64.0 * _EPS * abs_g1
-        if abs(g0) <= tol + 64.0 * _EPS * n and abs(g1) <= tol + floor1:
+        if abs(g0) <= tol + 64.0 * _EPS * n and abs(g1) <= tol * x_rms + floor1:
             converged = True
             break
         if s0 <= 0.0:
@@ -811,6 +814,7 @@ def _fit_block(
                     b1,
                     (g0, gc, s0, s1, s2, abs_gc),
                     _MLE_TOL,
+                    x_rms,
                     lr_max_iter,
                     e,
                     scale,

@@ -165,6 +165,7 @@ def _prox_newton(
     alpha: float,
     max_iter: int,
     tol: float,
+    slope_scale: torch.Tensor | None = None,
 ) -> _SolveResult:
     """Solve ``min F(b)`` for every row of ``x`` (``[m, n]`` float64, non-constant rows).
 
@@ -196,7 +197,10 @@ def _prox_newton(
     s = 1.0 - 2.0 * y  # +1 for negatives, -1 for positives
     xs_all = x * s
     tol0 = tol + 64.0 * _EPS * n
-    tol1_all = tol + 64.0 * _EPS * x.abs().sum(dim=1)
+    # slope_scale: the slope's gradient is in units of x, so its tolerance may scale with x.
+    tol1_all = tol * (1.0 if slope_scale is None else slope_scale) + 64.0 * _EPS * x.abs().sum(
+        dim=1
+    )
 
     out_b0 = torch.zeros(m, dtype=torch.float64, device=device)
     out_b1 = torch.zeros_like(out_b0)
@@ -366,7 +370,9 @@ def fit_chunk(
         if with_lr:
             mle_rows = fit_rows[~separated[fit_rows]]
             if mle_rows.numel() > 0:
-                mle = _prox_newton(x[mle_rows], y, 0.0, lr_max_iter, _MLE_TOL)
+                x_mle = x[mle_rows]
+                rms = (x_mle - x_mle.mean(dim=1, keepdim=True)).pow(2).mean(dim=1).sqrt()
+                mle = _prox_newton(x_mle, y, 0.0, lr_max_iter, _MLE_TOL, slope_scale=rms)
                 s = 1.0 - 2.0 * y
                 u = _margins(mle.b0, mle.b1, s, x[mle_rows] * s)
                 loglik[mle_rows] = -F.softplus(u, threshold=_SOFTPLUS_THRESHOLD).sum(dim=1)

@@ -129,6 +129,8 @@ class NeuronFits:
         The engine that fitted the L1 regressions.
     cv : int
         Number of cross-validation folds (0: none).
+    shuffled_control : bool
+        Whether the shuffled-label control was fitted.
     """
 
     beta: np.ndarray
@@ -149,6 +151,7 @@ class NeuronFits:
     alpha: float
     engine: str = "fast"
     cv: int = 0
+    shuffled_control: bool = False
 
     def to_frame(self) -> pd.DataFrame:
         """Return the results as a tidy table, one row per (layer, neuron).
@@ -175,7 +178,7 @@ class NeuronFits:
                 continue
             if field.name == "cv_acc" and not self.cv:
                 continue
-            if field.name.endswith("_shuffled") and np.isnan(value).all():
+            if field.name.endswith("_shuffled") and not self.shuffled_control:
                 continue
             columns[field.name] = value.ravel()
         return pd.DataFrame(columns)
@@ -688,6 +691,13 @@ def fit_neuron_logits(
         for held_out in folds:
             keep = np.ones(n_contexts, dtype=bool)
             keep[held_out] = False
+            if y[keep].all() or not y[keep].any():
+                absent = "negative (False)" if y[keep].all() else "positive (True)"
+                raise FitInputError(
+                    f"a cross-validation fold's training part has no {absent} labels "
+                    f"({int(keep.sum())} contexts): the groups put a whole class in one fold; "
+                    "use fewer folds, no groups, or more groups."
+                )
             fold = _fit_split(
                 activations, n_layers, y, np.flatnonzero(keep), held_out,
                 backend=backend, with_lr=False, **options,
@@ -729,6 +739,7 @@ def fit_neuron_logits(
         alpha=alpha,
         engine=engine,
         cv=int(cv or 0),
+        shuffled_control=shuffled_control,
     )
 
 

@@ -54,7 +54,14 @@ def test_run_json_records_what_is_needed_to_rerun(tiny_run: Any, tiny_gpt2_dir: 
     counts = record["counts"]
     assert counts["kept_per_class"] == min(counts["found_positive"], counts["found_negative"]) >= 40
     assert counts["contexts"] == 2 * counts["kept_per_class"]
-    assert set(record["timings_s"]) == {"model", "contexts", "activations", "statistics", "figures"}
+    assert set(record["timings_s"]) == {
+        "model",
+        "contexts",
+        "activations",
+        "statistics",
+        "figures",
+        "report",
+    }
     assert record["activations"]["shape"] == [4, counts["contexts"], 256]
     assert record["statistics"]["threshold"] == pytest.approx(0.05 / 256)
 
@@ -137,7 +144,7 @@ def test_contexts_stage_alone_then_run_reuses_them(tiny_gpt2_dir: Path, tmp_path
     assert (out / "contexts.parquet").stat().st_mtime_ns == written
     assert later.record["counts"] == first.record["counts"]
     assert later.record["stages"] == dict.fromkeys(
-        ("contexts", "activations", "statistics", "figures"), "complete"
+        ("contexts", "activations", "statistics", "figures", "report"), "complete"
     )
     assert later.record["config"]["alpha"] == 0.5
     # Other context settings, or a finished run with other settings: refused, nothing touched.

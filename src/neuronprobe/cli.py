@@ -300,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
         "every neuron with the settings given (the others as recorded), and rewrite the "
         "tables and figures; the earlier ones are kept under history/.",
     )
+    _COMMANDS["probe"] = probe
     probe.add_argument("--out", type=Path, required=True, help="a run directory")
     probe.add_argument("--quiet", action="store_true", help="no stage messages")
     probe.add_argument(
@@ -311,6 +312,14 @@ def build_parser() -> argparse.ArgumentParser:
         "stay those the run sampled",
     )
     _add_statistics_options(probe, None)
+    report = commands.add_parser(
+        "report",
+        help="write report.html of a finished run (one self-contained page)",
+        description="Read the run directory --out and write report.html: the question, the "
+        "answer, the figures, the strongest neurons with their contexts, and the settings.",
+    )
+    report.add_argument("--out", type=Path, required=True, help="a run directory")
+    report.add_argument("--quiet", action="store_true", help="no stage messages")
     return parser
 
 
@@ -330,6 +339,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _sites(args)
         if args.command == "probe":
             return _probe(args)
+        if args.command == "report":
+            from neuronprobe.pipeline import report
+
+            print(f"neuronprobe: report in {report(args.out)}")
+            return 0
         return _run(args, argv)
     except NeuronprobeError as error:
         print(f"neuronprobe: error: {error}", file=sys.stderr)
@@ -460,7 +474,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         f"neuronprobe: {counts['kept_per_class']} contexts per class from "
         f"{counts['documents_scanned']} documents; " + _summary(result.record, layers)
     )
-    print(f"neuronprobe: results in {result.directory}")
+    print(f"neuronprobe: results in {result.directory} (open report.html)")
     return 0
 
 

@@ -305,8 +305,45 @@ def _run_stages(
         config, activations, contexts.labels, contexts.document_ids, layers, directory, record
     )
     result = _finish(directory, record)
+    _report(directory, record)
     result.neurons, result.layers, result.figures = outputs
     return result
+
+
+def _report(directory: Path, record: dict[str, Any]) -> None:
+    """The last stage: ``report.html`` from the finished run directory's files."""
+    from neuronprobe.report import write_report
+
+    with _timed(record["timings_s"], "report"):
+        write_report(directory)
+    record["stages"]["report"] = "complete"
+    rundir.write_json(directory / rundir.RUN_JSON, record)
+
+
+def report(out: Path | str) -> Path:
+    """Write (or rewrite) ``report.html`` of a finished run directory (``neuronprobe report``).
+
+    Returns
+    -------
+    Path
+        The report's path.
+    """
+    from neuronprobe.report import write_report
+
+    directory = Path(out)
+    try:
+        record = rundir.read_json(directory / rundir.RUN_JSON)
+    except (OSError, ValueError) as error:
+        raise NeuronprobeError(
+            f"--out {directory} holds no readable run.json ({error}); name a run directory "
+            "written by `neuronprobe run`."
+        ) from error
+    if record.get("stages", {}).get("statistics") != "complete":
+        raise NeuronprobeError(
+            f"--out {directory} has no finished statistics; run `neuronprobe run --out "
+            f"{directory}` (or `neuronprobe probe`) first."
+        )
+    return write_report(directory)
 
 
 def _statistics_and_figures(
@@ -470,6 +507,7 @@ def probe(out: Path | str, **changes: Any) -> RunResult:
         rundir.write_json(directory / rundir.RUN_JSON, record)
         raise
     result = _finish(directory, record)
+    _report(directory, record)
     result.neurons, result.layers, result.figures = outputs
     return result
 
@@ -485,7 +523,7 @@ def _archive_statistics(directory: Path, record: dict[str, Any]) -> None:
         suffix += 1
         target = directory / "history" / f"{stamp}-{suffix}"
     target.mkdir(parents=True)
-    for name in (rundir.NEURONS, rundir.NEURONS_CSV, rundir.LAYERS, rundir.FIGURES):
+    for name in (rundir.NEURONS, rundir.NEURONS_CSV, rundir.LAYERS, rundir.FIGURES, rundir.REPORT):
         source = directory / name
         if source.is_dir():
             shutil.copytree(source, target / name)

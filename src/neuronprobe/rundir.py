@@ -9,6 +9,7 @@ Layout of a run directory::
     neurons.csv           the same table as CSV
     layers.csv            the laminar profile (notebook part 4)
     figures/*.png|svg     the notebook's three figures
+    report.html           one self-contained page: the question, the answer, figures, top neurons
 
 Every file is written under a temporary name in the same folder and renamed into place
 (:func:`atomic_path`), so an interrupted run never leaves a complete-looking partial file.
@@ -30,6 +31,7 @@ NEURONS_CSV = "neurons.csv"
 LAYERS = "layers.csv"
 RUN_JSON = "run.json"
 FIGURES = "figures"
+REPORT = "report.html"
 
 
 @contextmanager

@@ -39,9 +39,6 @@ from neuronprobe.errors import NeuronprobeError
 
 logger = logging.getLogger(__name__)
 
-#: The report's file name inside the run directory.
-REPORT = "report.html"
-
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -248,7 +245,7 @@ def write_report(directory: Path | str, *, top: int = 10, examples: int = 5) -> 
     directory = Path(directory)
     run = _read_run(directory)
     page = _render(run, top=top, examples=examples)
-    path = directory / REPORT
+    path = directory / rundir.REPORT
     with rundir.atomic_path(path) as temporary:
         temporary.write_text(page, encoding="utf-8")
     logger.info("report written to %s (%d figures, %.1f MB)", path, _count_figures(page), _mb(page))
@@ -618,38 +615,59 @@ def _section_answer(run: _Run, facts: _Facts) -> str:
         f"{int(row.layer)} ({row.percent_significant:.1f}%)" for row in ranked.head(3).itertuples()
     )
     share = facts.significant / facts.total if facts.total else 0.0
-    items = [
-        f"<b>{facts.significant:,} of {facts.total:,} neurons ({share:.1%})</b> tell {_classes(facts)}"
-        f" apart at the <code>{_text(repr(facts.target))}</code> token, by the run's correction "
-        f"(<code>{_text(facts.correction)}</code>, {_text(facts.test)} test; see "
-        '<a href="#caveats">how far to trust it</a>).',
-        f"The layers with the largest share of significant neurons: <b>{best}</b>.",
-    ]
+    correction = (
+        f"by the run's correction (<code>{_text(facts.correction)}</code>, {_text(facts.test)} "
+        'test; see <a href="#caveats">how far to trust it</a>)'
+    )
+    at = f"at the <code>{_text(repr(facts.target))}</code> token"
+    if facts.significant:
+        items = [
+            f"<b>{facts.significant:,} of {facts.total:,} neurons ({share:.1%})</b> tell "
+            f"{_classes(facts)} apart {at}, {correction}.",
+            f"The layers with the largest share of significant neurons: <b>{best}</b>.",
+        ]
+    else:
+        items = [
+            f"<b>0 of {facts.total:,} neurons</b> tell {_classes(facts)} apart {at}, "
+            f"{correction}: this run gives no evidence that single neurons carry the distinction "
+            "(more contexts, <code>--min-per-class</code>, give the tests more power)."
+        ]
     if facts.shuffled is None:
         items.append(
             "No shuffled-label control was run (<code>--no-shuffled-control</code>): nothing here "
             "shows how many neurons would pass by chance."
         )
     else:
-        items.append(
-            f"<b>Control:</b> with the training labels shuffled (no real distinction left), "
+        control = (
+            "<b>Control:</b> with the training labels shuffled (no real distinction left), "
             f"<b>{facts.shuffled:,}</b> of {facts.total:,} neurons pass the same test, where "
-            f"none or almost none should. The gap between {facts.significant:,} and {facts.shuffled:,} is the "
-            "evidence that the real labels carry a signal."
+            "none or almost none should."
         )
+        if facts.significant and facts.shuffled * 5 <= facts.significant:
+            control += (
+                f" The gap between {facts.significant:,} and {facts.shuffled:,} is the evidence "
+                "that the real labels carry a signal."
+            )
+        elif facts.significant:
+            control += (
+                f" <b>That is not far below the {facts.significant:,} that pass with the real "
+                "labels: this result is hard to tell from chance.</b>"
+            )
+        items.append(control)
     significant = run.neurons[run.neurons["significant"].to_numpy(dtype=bool)]
     if len(significant):
         best_test = significant.sort_values(
             ["test_acc", "auc", "layer", "neuron"], ascending=[False, False, True, True]
         ).iloc[0]
         n_test = facts.test_contexts
+        mean_test = float(significant["test_acc"].mean())
         items.append(
             f"Single significant neurons predict the class of held-out contexts with "
-            f"{significant['test_acc'].mean():.1f}% accuracy on average (chance: 50%); the best, "
+            f"{mean_test:.1f}% accuracy on average (chance: 50%); the best, "
             f"layer {int(best_test.layer)} neuron {int(best_test.neuron)}, reaches "
             f"{best_test.test_acc:.1f}% (AUC {best_test.auc:.2f})"
             + (f" on {n_test:,} held-out contexts" if n_test else "")
-            + ". Each neuron is a weak signal on its own."
+            + (": each neuron alone is a weak signal." if mean_test < 60 else ".")
         )
     weak = _poorly_generalising_layers(run.neurons)
     if weak:
@@ -886,8 +904,8 @@ def _section_neurons(run: _Run, facts: _Facts, *, top: int, examples: int) -> st
     for rank, row in enumerate(chosen.itertuples(), start=1):
         cells = [
             f'<a href="#neuron-{int(row.layer)}-{int(row.neuron)}">{rank}</a>',
-            _int(row.layer),
-            _int(row.neuron),
+            str(int(row.layer)),
+            str(int(row.neuron)),
             _number(row.beta),
             _direction_words(float(row.beta), facts),
             _pvalue(row.pvalue),
@@ -965,7 +983,7 @@ def _class_html(name: str, facts: _Facts) -> str:
 
 
 _LAYER_COLUMNS = {
-    "layer": ("layer", _int),
+    "layer": ("layer", lambda v: str(int(v))),
     "neurons": ("neurons", _int),
     "significant": ("significant", _int),
     "percent_significant": ("% significant", _percent),

@@ -213,6 +213,12 @@ def test_stage_commands_reproduce_the_run(tiny_gpt2_dir: Path, tmp_path: Path) -
     done = neuronprobe("probe", "--out", str(staged), "--quiet")
     assert done.returncode == 0, done.stderr
     assert (staged / "neurons.parquet").read_bytes() == (whole / "neurons.parquet").read_bytes()
+    # report rewrites the page the last stage wrote, byte for byte.
+    page = (staged / "report.html").read_bytes()
+    done = neuronprobe("report", "--out", str(staged))
+    assert done.returncode == 0, done.stderr
+    assert f"report in {staged / 'report.html'}" in done.stdout
+    assert (staged / "report.html").read_bytes() == page
     # A command-line option overrides the config file.
     other = tmp_path / "other"
     done = neuronprobe(

@@ -1144,7 +1144,9 @@ def _section_rerun(run: _Run, facts: _Facts) -> str:
         "# this page again\n"
         f"neuronprobe report --out {directory}"
     )
-    timings = record.get("timings_s", {})
+    # The report's own time is not shown: it is known only after the page is written, and
+    # leaving it out keeps `neuronprobe report` byte-identical for the same run directory.
+    timings = {k: v for k, v in record.get("timings_s", {}).items() if k != "report"}
     statistics = record.get("statistics", {})
     return (
         f'<section id="rerun"><h2>{_SECTIONS[7][1]}</h2>'

@@ -514,7 +514,7 @@ def _probe(args: argparse.Namespace) -> int:
     }
     from neuronprobe.pipeline import probe
 
-    result = probe(args.out, **changes)
+    result = probe(args.out, progress=not args.quiet, **changes)
     print("neuronprobe: " + _summary(result.record, result.layers))
     print(f"neuronprobe: results in {result.directory}")
     return 0

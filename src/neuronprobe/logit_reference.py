@@ -143,6 +143,7 @@ def fit_neurons_statsmodels(
     *,
     alpha: float,
     n_jobs: int | None = None,
+    progress: bool = False,
 ) -> tuple[list[dict[str, np.ndarray]], dict[str, int]]:
     """Run the notebook's statsmodels fit for every neuron of every layer.
 
@@ -158,6 +159,8 @@ def fit_neurons_statsmodels(
         statsmodels' ``alpha``.
     n_jobs : int, optional
         Worker processes (default: the machine's cores); 1 runs in this process.
+    progress : bool, default False
+        Show a progress bar over the neurons (this engine takes minutes).
 
     Returns
     -------
@@ -197,9 +200,19 @@ def fit_neurons_statsmodels(
         for name, count in seen.items():
             counters[name] = counters.get(name, 0) + count
 
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=sum(stop - start for _, start, stop in tasks),
+        desc="statsmodels fits",
+        unit="neuron",
+        disable=not progress,
+    )
     if n_jobs <= 1 or len(tasks) <= 1:
         for task in tasks:
             collect(task, *_fit_task(*payload(task), y_train, y_test, alpha))
+            bar.update(task[2] - task[1])
+        bar.close()
         return results, counters
     # "spawn": the parent may hold torch and OpenMP threads, which fork does not copy safely.
     context = multiprocessing.get_context("spawn")
@@ -209,4 +222,6 @@ def fit_neurons_statsmodels(
         ]
         for task, future in futures:
             collect(task, *future.result())
+            bar.update(task[2] - task[1])
+    bar.close()
     return results, counters

@@ -302,7 +302,14 @@ def _run_stages(
         return _finish(directory, record)
 
     outputs = _statistics_and_figures(
-        config, activations, contexts.labels, contexts.document_ids, layers, directory, record
+        config,
+        activations,
+        contexts.labels,
+        contexts.document_ids,
+        layers,
+        directory,
+        record,
+        progress,
     )
     result = _finish(directory, record)
     _report(directory, record)
@@ -354,6 +361,7 @@ def _statistics_and_figures(
     layers: list[int],
     directory: Path,
     record: dict[str, Any],
+    progress: bool = False,
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
     """Fit every neuron, write the tables and figures, and record the statistics in ``record``.
 
@@ -372,6 +380,7 @@ def _statistics_and_figures(
             engine=config.engine,
             cv=config.cv or None,
             shuffled_control=config.shuffled_control,
+            progress=progress,
         )
         neurons = neuron_table(
             fits, layers, config.significance, correction=config.correction, test=config.test
@@ -449,7 +458,7 @@ STATISTICS_SETTINGS = (
 )
 
 
-def probe(out: Path | str, **changes: Any) -> RunResult:
+def probe(out: Path | str, *, progress: bool = False, **changes: Any) -> RunResult:
     """Refit the statistics of a finished run from its stored activations (no model needed).
 
     ``neuronprobe probe --out RUN_DIR``: reads ``run.json``, ``contexts.parquet`` and
@@ -498,7 +507,14 @@ def probe(out: Path | str, **changes: Any) -> RunResult:
     rundir.write_json(directory / rundir.RUN_JSON, record)
     try:
         outputs = _statistics_and_figures(
-            config, activations, contexts.labels, contexts.document_ids, layers, directory, record
+            config,
+            activations,
+            contexts.labels,
+            contexts.document_ids,
+            layers,
+            directory,
+            record,
+            progress,
         )
     except BaseException as error:
         record["status"] = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"

@@ -561,6 +561,7 @@ def fit_neuron_logits(
     chunk_size: int | None = None,
     max_iter: int = 200,
     kkt_tol: float = 1e-9,
+    progress: bool = False,
 ) -> NeuronFits:
     """Fit one L1-penalised logistic regression ``labels ~ 1 + x`` per neuron.
 
@@ -612,6 +613,8 @@ def fit_neuron_logits(
     kkt_tol : float, default 1e-9
         KKT tolerance relative to ``alpha``: each coefficient's optimality residual must be
         below ``kkt_tol*alpha`` plus a floor at its rounding error, ``64*eps*sum_i |summand_i|``.
+    progress : bool, default False
+        Progress bar for the statsmodels engine (the others take seconds).
 
     Returns
     -------
@@ -682,7 +685,7 @@ def fit_neuron_logits(
     converged = part["converged"]
     if engine == "statsmodels":
         beta, intercept, beta_se, train_acc, test_acc, converged = _statsmodels_engine(
-            activations, n_layers, y, train_idx, test_idx, alpha, n_jobs, part["constant"]
+            activations, n_layers, y, train_idx, test_idx, alpha, n_jobs, part["constant"], progress
         )
 
     cv_acc = np.full(beta.shape, np.nan)
@@ -752,6 +755,7 @@ def _statsmodels_engine(
     alpha: float,
     n_jobs: int | None,
     constant: np.ndarray,
+    progress: bool,
 ) -> tuple[np.ndarray, ...]:
     """The notebook's statsmodels fits; returns beta, intercept, se, accuracies, converged."""
     from neuronprobe.logit_reference import fit_neurons_statsmodels
@@ -762,7 +766,7 @@ def _statsmodels_engine(
     layer_ids: list[int | None] = list(range(n_layers)) if n_layers is not None else [None]
     layers = [as_numpy(_layer_view(activations, layer)) for layer in layer_ids]
     results, counters = fit_neurons_statsmodels(
-        layers, y, train_idx, test_idx, alpha=alpha, n_jobs=n_jobs
+        layers, y, train_idx, test_idx, alpha=alpha, n_jobs=n_jobs, progress=progress
     )
     total = int(constant.size)
     if counters.get("singular"):

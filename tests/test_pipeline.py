@@ -16,7 +16,7 @@ from neuronprobe.errors import NeuronprobeError
 from neuronprobe.statistics import fit_neuron_logits, stratified_train_mask
 from neuronprobe.tables import layer_table
 
-FIGURES = ["accuracy_layer3", "layers", "neurons_layer3"]
+FIGURES = ["accuracy_layer3", "control", "layers", "neurons_layer3"]
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,13 @@ from neuronprobe.activations import extract_to_file, hook_points, resolve_layers
 from neuronprobe.config import RunConfig
 from neuronprobe.contexts import collect_contexts, load_contexts, resolve_contrast, save_contexts
 from neuronprobe.errors import NeuronprobeError
-from neuronprobe.figures import accuracy_figure, layers_figure, neuron_figure, save_figure
+from neuronprobe.figures import (
+    accuracy_figure,
+    control_figure,
+    layers_figure,
+    neuron_figure,
+    save_figure,
+)
 from neuronprobe.models import load_model
 from neuronprobe.statistics import fit_neuron_logits
 from neuronprobe.tables import layer_table, neuron_table
@@ -436,6 +442,8 @@ def _statistics_and_figures(
             f"accuracy_layer{config.figure_layer}": accuracy_figure(neurons, config.figure_layer),
             "layers": layers_figure(layers_profile),
         }
+        if "percent_significant_shuffled" in layers_profile.columns:
+            figures["control"] = control_figure(layers_profile)
         for name, figure in figures.items():
             save_figure(figure, directory / rundir.FIGURES / name)
     record["stages"].update(activations="complete", statistics="complete", figures="complete")

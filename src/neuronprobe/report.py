@@ -208,11 +208,11 @@ def _read_run(directory: Path) -> _Run:
 
 
 def _figure_order(path: Path) -> tuple[int, str]:
-    """The laminar profile first (the answer), then the per-layer figures, then anything else."""
-    for rank, prefix in enumerate(("layers", "neurons_layer", "accuracy_layer")):
+    """The laminar profile and its control first (the answer), then the per-layer figures."""
+    for rank, prefix in enumerate(("layers", "control", "neurons_layer", "accuracy_layer")):
         if path.stem == prefix or (prefix.endswith("_layer") and path.stem.startswith(prefix)):
             return rank, path.stem
-    return 3, path.stem
+    return 4, path.stem
 
 
 # ----------------------------------------------------------------------------------------------
@@ -809,8 +809,10 @@ def _section_figures(run: _Run, facts: _Facts) -> str:
     parts = []
     pvalue = "likelihood-ratio" if facts.test == "lr" else "Wald"
     pos, neg = _text(facts.positive), _text(facts.negative)
-    control = _control_png(run.layers)
     shown = list(run.figures)
+    # Run directories written before the control figure was stored get it drawn here.
+    stored = any(name == "control" for name, _ in shown)
+    control = None if stored else _control_png(run.layers)
     if control is not None:
         at = 1 if shown and shown[0][0] == "layers" else 0
         shown.insert(at, ("control", control))

@@ -15,7 +15,7 @@ from typing import Any
 
 from neuronprobe import __version__
 from neuronprobe.activations import SITES
-from neuronprobe.config import CORRECTIONS, ENGINES, TESTS, RunConfig
+from neuronprobe.config import CORRECTIONS, ENGINES, STATISTICS_SETTINGS, TESTS, RunConfig
 from neuronprobe.contexts import Contrast
 from neuronprobe.errors import NeuronprobeError
 from neuronprobe.models import DTYPES
@@ -479,18 +479,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 #: RunConfig fields set by the statistics options (the same names as the attributes).
-_STATISTICS_OPTIONS = (
-    "alpha",
-    "test_size",
-    "significance",
-    "correction",
-    "test",
-    "split_by_document",
-    "cv",
-    "shuffled_control",
-    "engine",
-    "figure_layer",
-)
+_STATISTICS_OPTIONS = tuple(name for name in STATISTICS_SETTINGS if name != "statistics_seed")
 
 
 def _summary(record: dict[str, Any], layers: Any) -> str:

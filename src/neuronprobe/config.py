@@ -22,6 +22,21 @@ ENGINES = ("fast", "torch", "statsmodels")
 CORRECTIONS = ("bonferroni-layer", "bonferroni", "fdr-bh")
 #: Which p-value decides significance: the notebook's Wald test or the likelihood ratio.
 TESTS = ("wald", "lr")
+#: The settings that act only on the statistics and figures: ``neuronprobe probe`` may change
+#: them without new contexts or activations.
+STATISTICS_SETTINGS = (
+    "alpha",
+    "test_size",
+    "significance",
+    "correction",
+    "test",
+    "split_by_document",
+    "cv",
+    "shuffled_control",
+    "engine",
+    "statistics_seed",
+    "figure_layer",
+)
 
 
 @dataclass

@@ -26,7 +26,7 @@ import pandas as pd
 
 from neuronprobe import rundir
 from neuronprobe.activations import extract_to_file, hook_points, resolve_layers
-from neuronprobe.config import RunConfig
+from neuronprobe.config import STATISTICS_SETTINGS, RunConfig
 from neuronprobe.contexts import collect_contexts, load_contexts, resolve_contrast, save_contexts
 from neuronprobe.errors import NeuronprobeError
 from neuronprobe.figures import (
@@ -344,13 +344,7 @@ def report(out: Path | str) -> Path:
     from neuronprobe.report import write_report
 
     directory = Path(out)
-    try:
-        record = rundir.read_json(directory / rundir.RUN_JSON)
-    except (OSError, ValueError) as error:
-        raise NeuronprobeError(
-            f"--out {directory} holds no readable run.json ({error}); name a run directory "
-            "written by `neuronprobe run`."
-        ) from error
+    record = _read_record(directory)
     if record.get("stages", {}).get("statistics") != "complete":
         raise NeuronprobeError(
             f"--out {directory} has no finished statistics; run `neuronprobe run --out "
@@ -450,22 +444,6 @@ def _statistics_and_figures(
     return neurons, layers_profile, figures
 
 
-#: Settings ``probe`` may change: they act only on the statistics and the figures.
-STATISTICS_SETTINGS = (
-    "alpha",
-    "test_size",
-    "significance",
-    "correction",
-    "test",
-    "split_by_document",
-    "cv",
-    "shuffled_control",
-    "engine",
-    "statistics_seed",
-    "figure_layer",
-)
-
-
 def probe(out: Path | str, *, progress: bool = False, **changes: Any) -> RunResult:
     """Refit the statistics of a finished run from its stored activations (no model needed).
 
@@ -480,13 +458,7 @@ def probe(out: Path | str, *, progress: bool = False, **changes: Any) -> RunResu
     were sampled (those are in ``contexts.parquet``, drawn with ``seed``).
     """
     directory = Path(out)
-    try:
-        record = rundir.read_json(directory / rundir.RUN_JSON)
-    except (OSError, ValueError) as error:
-        raise NeuronprobeError(
-            f"--out {directory} holds no readable run.json ({error}); name a run directory "
-            "written by `neuronprobe run`."
-        ) from error
+    record = _read_record(directory)
     stages = record.get("stages", {})
     if stages.get("activations") != "complete" or not (directory / rundir.ACTIVATIONS).is_file():
         raise NeuronprobeError(
@@ -534,6 +506,17 @@ def probe(out: Path | str, *, progress: bool = False, **changes: Any) -> RunResu
     _report(directory, record)
     result.neurons, result.layers, result.figures = outputs
     return result
+
+
+def _read_record(directory: Path) -> dict[str, Any]:
+    """``run.json`` of a run directory, or a one-line error naming it."""
+    try:
+        return rundir.read_json(directory / rundir.RUN_JSON)
+    except (OSError, ValueError) as error:
+        raise NeuronprobeError(
+            f"--out {directory} holds no readable run.json ({error}); name a run directory "
+            "written by `neuronprobe run`."
+        ) from error
 
 
 def _archive_statistics(directory: Path, record: dict[str, Any]) -> None:

@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from notebook import notebook_scan
 
 from neuronprobe.contexts import (
@@ -176,3 +178,79 @@ def test_curly_apostrophes_count_when_normalised_and_are_reported(gpt2_tok: Any)
     assert normalised.spellings == {"\u2019t": 1, "'t": 1}
     contexts = balance_contexts(normalised)
     assert contexts.counts["positive_spellings"] == {"\u2019t": 1, "'t": 1}
+
+
+# Pieces of text that meet every case of the rule: the target with and without its follower,
+# excluded followers, apostrophe variants, the target glued to other words, punctuation,
+# digits, line breaks and long runs of spaces (where byte-level BPE splits differently).
+_PIECES = [
+    " can",
+    " can't",
+    " can’t",
+    " can 't",
+    "can",
+    "'t",
+    " cannot",
+    " can of",
+    " can in",
+    " can not",
+    " can be",
+    " can,",
+    " can.",
+    " Can",
+    " scan",
+    " can't.",
+    " I",
+    " you",
+    " really",
+    " do",
+    " it",
+    " 42",
+    "!",
+    "\n",
+    "\n\n",
+    "   ",
+    " ",
+    "é",
+    " 😀",
+    " the",
+    " pecan",
+    "'s",
+]
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    st.lists(
+        st.lists(st.sampled_from(_PIECES), min_size=0, max_size=80).map("".join),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_scanner_properties_on_generated_text(gpt2_tok: Any, texts: list[str]) -> None:
+    """Any text: the scan equals the notebook's loop, every context has the configured length
+    and ends with the target, and its label agrees with the token that follows it."""
+    contrast = Contrast()
+    documents = [Document(id=f"doc:{i}", text=text) for i, text in enumerate(texts)]
+    scan = scan_contexts(
+        documents, gpt2_tok, contrast, min_per_class=10**9, drop_duplicates=False, progress=False
+    )
+    can, cant, scanned = notebook_scan(texts, gpt2_tok)
+    assert scan.documents_scanned == scanned == len(texts)
+    assert scan.negative.tokens == can and scan.positive.tokens == cant
+    target = gpt2_tok.encode(contrast.target)[0]
+    excluded = {gpt2_tok.encode(word)[0] for word in contrast.excluded_followers}
+    for found, positive in ((scan.positive, True), (scan.negative, False)):
+        for tokens, following in zip(found.tokens, found.next_tokens, strict=True):
+            assert len(tokens) == contrast.context_length + 1
+            assert tokens[-1] == target
+            if positive:
+                assert following == gpt2_tok.encode("'t")[0]
+            else:
+                assert following not in excluded
+                assert gpt2_tok.decode([following]).startswith(" ")

@@ -392,7 +392,6 @@ def _statistics_and_figures(
             neurons.to_csv(temporary, index=False)
         with rundir.atomic_path(directory / rundir.LAYERS) as temporary:
             layers_profile.to_csv(temporary, index=False)
-    per_layer = int(activations.shape[2])
     record["statistics"] = {
         "model": "L1-penalised logistic regression per neuron (statsmodels' objective, exact "
         "optimum)",
@@ -410,11 +409,7 @@ def _statistics_and_figures(
         "model, chi-square with 1 degree of freedom",
         "correction": config.correction,
         "significance": config.significance,
-        "threshold": (
-            config.significance / per_layer
-            if config.correction == "bonferroni-layer"
-            else float(neurons["threshold"].iloc[0])
-        ),
+        "threshold": float(neurons["threshold"].iloc[0]),
         "significant_neurons": int(neurons["significant"].sum()),
         "significant_shuffled": (
             int(neurons["significant_shuffled"].sum())

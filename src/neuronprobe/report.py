@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import logging
 import math
@@ -809,14 +808,7 @@ def _section_figures(run: _Run, facts: _Facts) -> str:
     parts = []
     pvalue = "likelihood-ratio" if facts.test == "lr" else "Wald"
     pos, neg = _text(facts.positive), _text(facts.negative)
-    shown = list(run.figures)
-    # Run directories written before the control figure was stored get it drawn here.
-    stored = any(name == "control" for name, _ in shown)
-    control = None if stored else _control_png(run.layers)
-    if control is not None:
-        at = 1 if shown and shown[0][0] == "layers" else 0
-        shown.insert(at, ("control", control))
-    for name, png in shown:
+    for name, png in run.figures:
         match = re.fullmatch(r"(neurons|accuracy)_layer(-?\d+)", name)
         if name == "layers":
             caption = (
@@ -858,19 +850,6 @@ def _section_figures(run: _Run, facts: _Facts) -> str:
     if not parts:
         parts.append("<p>The run directory has no figures (<code>figures/*.png</code>).</p>")
     return f'<section id="figures"><h2>{_SECTIONS[3][1]}</h2>{"".join(parts)}</section>'
-
-
-def _control_png(layers: pd.DataFrame) -> bytes | None:
-    """The shuffled-label control figure as PNG bytes, or None without the control."""
-    if "percent_significant_shuffled" not in layers.columns:
-        return None
-    from neuronprobe.figures import STYLE, _pyplot, control_figure
-
-    figure = control_figure(layers)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=STYLE["savefig.dpi"], metadata={"Software": None})
-    _pyplot().close(figure)
-    return buffer.getvalue()
 
 
 def _direction_words(beta: float, facts: _Facts) -> str:

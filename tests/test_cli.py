@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -39,30 +40,173 @@ def test_run_succeeds_and_says_where_the_results_are(tiny_gpt2_dir: Path, tmp_pa
     assert (out / "figures" / "neurons_layer1.png").is_file()
 
 
+@pytest.fixture(scope="module")
+def bad_inputs(
+    tiny_gpt2_dir: Path, gpt2_tok: Any, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, str]:
+    """Real files for every kind of bad input: {name: path}."""
+    import torch
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from neuronprobe import RunConfig, run
+
+    folder = tmp_path_factory.mktemp("bad-inputs")
+    files = {
+        "empty.txt": b"",
+        "binary.txt": bytes(range(256)) * 8,
+        "latin1.txt": "I can\u2019t say, I can go to the caf\u00e9.\n".encode("latin-1", "replace")
+        + "caf\u00e9".encode("latin-1"),
+        "body.jsonl": b'{"body": "I can go home."}\n',
+        "unknown-key.toml": b"alfa = 0.1\n",
+        "ill-typed.toml": b'alpha = "big"\n',
+        "bad-site.toml": b'site = "mlp.middle"\n',
+        "not-toml.toml": b"alpha = \n",
+    }
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    (folder / "not-a-model").mkdir()
+    (folder / "not-a-model" / "weights.bin").write_bytes(b"\0" * 16)
+    # A real causal LM of an architecture without a neuron-site mapping.
+    torch.manual_seed(0)
+    tokenizer = gpt2_tok
+    opt = OPTForCausalLM(
+        OPTConfig(
+            num_hidden_layers=1,
+            hidden_size=16,
+            ffn_dim=32,
+            num_attention_heads=2,
+            word_embed_proj_dim=16,
+            vocab_size=len(tokenizer),
+        )
+    )
+    opt.save_pretrained(folder / "opt")
+    tokenizer.save_pretrained(folder / "opt")
+    # A folder that holds another run (its contexts are finished).
+    config = RunConfig(model=str(tiny_gpt2_dir), min_per_class=20, seed=1, figure_layer=0)
+    run(config, folder / "earlier-run", progress=False, stop_after="contexts")
+    paths = {name: str(folder / name) for name in [*files, "not-a-model", "opt", "earlier-run"]}
+    return {**paths, "tiny": str(tiny_gpt2_dir)}
+
+
+#: Every kind of bad input, as `neuronprobe run` arguments ({name} = a file of `bad_inputs`),
+#: and what the one-line error says (a substring, or a regular expression after "re:").
+BAD_INPUTS = [
+    (
+        "unknown model id",
+        ["--model", "no-such-org/no-such-model"],
+        "--model 'no-such-org/no-such-model' is not a local folder, not in the Hugging Face cache, and the hub is not reachable",
+    ),
+    ("hub model offline", ["--model", "gpt2-medium"], "'gpt2-medium' is not a local folder"),
+    (
+        "folder that is not a model",
+        ["--model", "{not-a-model}"],
+        "is a folder without config.json, not a model written by save_pretrained",
+    ),
+    (
+        "unsupported architecture",
+        ["--model", "{opt}"],
+        "model type 'opt' has no neuron-site mapping yet; supported: gemma",
+    ),
+    ("unsupported site", ["--site", "mlp.middle"], "argument --site: invalid choice: 'mlp.middle'"),
+    (
+        "unsupported site in a config",
+        ["--config", "{bad-site.toml}"],
+        "--site must be one of mlp.pre, mlp.post, resid.post",
+    ),
+    ("layer out of range", ["--layers", "0,9"], "layer 9 is out of range: the model has 4 layers"),
+    (
+        "figure layer not recorded",
+        ["--layers", "0,1", "--layer", "3"],
+        "--layer 3 is not among the recorded layers",
+    ),
+    (
+        "position out of range",
+        ["--position", "11"],
+        "--position 11 is outside the 11-token contexts",
+    ),
+    (
+        "missing corpus",
+        ["--corpus", "no-such-reviews.jsonl"],
+        "no such file or folder: 'no-such-reviews.jsonl'",
+    ),
+    ("empty corpus", ["--corpus", "{empty.txt}"], "empty.txt is empty (0 bytes)"),
+    ("binary corpus", ["--corpus", "{binary.txt}"], "binary.txt looks binary"),
+    (
+        "mis-encoded corpus",
+        ["--corpus", "{latin1.txt}"],
+        "latin1.txt is not UTF-8 text (byte 0xe9 at byte offset",
+    ),
+    (
+        "missing text column",
+        ["--corpus", "{body.jsonl}"],
+        "body.jsonl line 1 has no column 'text'; the columns found are ['body']",
+    ),
+    ("unreachable corpus", ["--corpus", "c4"], "re:corpus 'c4'.*not reachable"),
+    (
+        "target not one token",
+        ["--target", " neuronprobe"],
+        "the contrast target ' neuronprobe' is 3 tokens for this tokenizer",
+    ),
+    ("unknown config key", ["--config", "{unknown-key.toml}"], "unknown config key(s) ['alfa']"),
+    (
+        "ill-typed config key",
+        ["--config", "{ill-typed.toml}"],
+        "config key 'alpha' must be float or int, got 'big'",
+    ),
+    ("config that is not TOML", ["--config", "{not-toml.toml}"], "is not valid"),
+    ("missing config", ["--config", "no-such.toml"], "--config no-such.toml: cannot read it"),
+    ("bad number", ["--min-per-class", "1"], "--min-per-class must be at least 2"),
+    ("bad device", ["--device", "tpu"], "--device 'tpu' is not a torch device"),
+    ("unknown option", ["--alpah", "0.2"], "unrecognized arguments: --alpah"),
+    (
+        "out holds another run",
+        ["--out", "{earlier-run}", "--seed", "2"],
+        "re:already holds a different run \\(other min_per_class, seed\\); choose another --out, `neuronprobe run --out .*earlier-run --resume`",
+    ),
+    ("resume of nothing", ["--resume"], "holds no readable run.json"),
+    (
+        "resume with other settings",
+        ["--out", "{earlier-run}", "--resume", "--alpha", "0.2"],
+        "re:--resume finishes the run in .*earlier-run with its recorded settings; drop --alpha\\b",
+    ),
+]
+
+
 @pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["--model", "gpt2-medium"], "'gpt2-medium' is not a local folder"),
-        (["--corpus", "c4"], "corpus 'c4'.*not reachable"),
-        (["--corpus", "no-such-reviews.jsonl"], "no such file or folder: 'no-such-reviews.jsonl'"),
-        (["--layers", "0,9"], "layer 9 is out of range"),
-        (["--layers", "0,1", "--layer", "3"], "--layer 3 is not among the recorded layers"),
-        (["--min-per-class", "1"], "--min-per-class must be at least 2"),
-        (["--device", "tpu"], "--device 'tpu' is not a torch device"),
-        (["--position", "11"], "--position 11 is outside the 11-token contexts"),
-    ],
+    ("args", "message"), [case[1:] for case in BAD_INPUTS], ids=[case[0] for case in BAD_INPUTS]
 )
 def test_bad_input_is_one_clear_line_and_exit_code_2(
-    args: list[str], message: str, tiny_gpt2_dir: Path, tmp_path: Path
+    args: list[str],
+    message: str,
+    bad_inputs: dict[str, str],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    model = [] if "--model" in args else ["--model", str(tiny_gpt2_dir)]
-    done = neuronprobe("run", *model, *args, "--out", str(tmp_path / "run"), "--quiet")
-    assert done.returncode == 2
-    assert "Traceback" not in done.stderr
     import re
 
-    errors = [line for line in done.stderr.splitlines() if line.startswith("neuronprobe: error:")]
-    assert len(errors) == 1 and re.search(message, errors[0]), done.stderr
+    from neuronprobe.cli import main
+
+    args = [bad_inputs[arg[1:-1]] if arg.startswith("{") else arg for arg in args]
+    model = [] if {"--model", "--resume"} & set(args) else ["--model", bad_inputs["tiny"]]
+    out = [] if "--out" in args else ["--out", str(tmp_path / "run")]
+    earlier = {p.name: p.stat().st_mtime_ns for p in Path(bad_inputs["earlier-run"]).iterdir()}
+    try:
+        code = main(["run", *model, *args, *out, "--quiet"])
+    except SystemExit as stop:  # argparse's own errors
+        code = stop.code
+    stderr = capsys.readouterr().err
+    assert code == 2, stderr
+    assert "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("neuronprobe: error:")]
+    assert len(errors) == 1, stderr
+    if message.startswith("re:"):
+        assert re.search(message[3:], errors[0]), stderr
+    else:
+        assert message in errors[0], stderr
+    # Refused before anything was written: no new folder, the earlier run untouched.
+    assert not (tmp_path / "run").exists()
+    now = {p.name: p.stat().st_mtime_ns for p in Path(bad_inputs["earlier-run"]).iterdir()}
+    assert now == earlier
 
 
 def test_existing_out_is_refused(tmp_path: Path) -> None:
@@ -239,3 +383,73 @@ def test_bad_config_file_is_one_clear_line(tmp_path: Path) -> None:
         done = neuronprobe("run", "--config", str(path), "--out", str(tmp_path / "x"))
         assert done.returncode == 2, done.stderr
         assert message in done.stderr and "Traceback" not in done.stderr
+
+
+#: A run slow enough to interrupt mid-extraction: one context per forward pass, ~300 of them.
+SLOW_RUN = ["--min-per-class", "150", "--batch-size", "1", "--layer", "1", "--seed", "7"]
+RESULTS = ("contexts.parquet", "activations.npy", "neurons.parquet", "neurons.csv", "layers.csv")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_gpt2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    done = neuronprobe("run", "--model", str(tiny_gpt2_dir), "--out", str(out), *SLOW_RUN)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGINT"])
+def test_run_stopped_mid_extraction_resumes_to_the_same_result(
+    how: str, uninterrupted: Path, tiny_gpt2_dir: Path, tmp_path: Path
+) -> None:
+    import contextlib
+    import json
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    command = ["run", "--model", str(tiny_gpt2_dir), "--out", str(out), *SLOW_RUN, "--quiet"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "neuronprobe", *command],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=os.environ.copy(),
+    )
+    progress = out / "activations.npy.progress.json"
+    deadline = time.monotonic() + 300
+    done = 0
+    while done < 20:  # stop it once 20 of its 300 batches are written
+        assert process.poll() is None, f"the run ended before it was stopped: {process.stderr}"
+        assert time.monotonic() < deadline
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            done = json.loads(progress.read_text())["done"]
+        time.sleep(0.005)
+    process.send_signal(getattr(signal, how))
+    _, stderr = process.communicate(timeout=120)
+    record = json.loads((out / "run.json").read_text())
+    stopped_at = json.loads(progress.read_text())["done"]
+    assert 20 <= stopped_at < record["counts"]["contexts"]
+    assert not (out / "activations.npy").exists()  # nothing half-written looks finished
+    if how == "SIGKILL":
+        assert process.returncode == -signal.SIGKILL
+        assert record["status"] == "running" and record["stages"]["activations"] == "running"
+    else:  # Ctrl-C
+        assert process.returncode == 130
+        assert f"`neuronprobe run --out {out} --resume` goes on from there" in stderr
+        assert record["status"] == "interrupted"
+        assert record["stages"] == {"contexts": "complete", "activations": "interrupted"}
+    contexts_written = (out / "contexts.parquet").stat().st_mtime_ns
+
+    resumed = neuronprobe("run", "--out", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    # Neither the contexts nor the finished batches were redone.
+    assert "reusing the contexts" in resumed.stderr
+    assert f"resuming the activations at context {stopped_at} of " in resumed.stderr
+    assert (out / "contexts.parquet").stat().st_mtime_ns == contexts_written
+    for name in RESULTS:
+        assert (out / name).read_bytes() == (uninterrupted / name).read_bytes(), name
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "complete" and len(record["resumed"]) == 1
+    assert set(record["stages"].values()) == {"complete"}
+    leftovers = [p.name for p in out.rglob("*") if "partial" in p.name or "progress" in p.name]
+    assert leftovers == []

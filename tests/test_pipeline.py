@@ -104,7 +104,10 @@ def test_same_seed_gives_identical_files(
 
 def test_existing_run_is_never_overwritten(tiny_run: Any, tiny_gpt2_dir: Path) -> None:
     before = (tiny_run.directory / "neurons.parquet").read_bytes()
-    with pytest.raises(NeuronprobeError, match="already holds files.*--force"):
+    with pytest.raises(
+        NeuronprobeError,
+        match=r"already holds a different run \(other min_per_class, seed\).*--resume.*--force",
+    ):
         run(
             RunConfig(model=str(tiny_gpt2_dir), min_per_class=5), tiny_run.directory, progress=False
         )
@@ -149,7 +152,7 @@ def test_contexts_stage_alone_then_run_reuses_them(tiny_gpt2_dir: Path, tmp_path
     assert later.record["config"]["alpha"] == 0.5
     # Other context settings, or a finished run with other settings: refused, nothing touched.
     for changed in ({"min_per_class": 21}, {"alpha": 0.2}):
-        with pytest.raises(NeuronprobeError, match="already holds files"):
+        with pytest.raises(NeuronprobeError, match="already holds a different run"):
             run(RunConfig(**{**config.__dict__, **changed}), out, progress=False)
     assert (out / "contexts.parquet").stat().st_mtime_ns == written
 
@@ -202,3 +205,119 @@ def test_probe_refits_from_stored_activations(tiny_run: Any, tmp_path: Path) -> 
         probe(out, site="resid.post")
     with pytest.raises(NeuronprobeError, match="no readable run.json"):
         probe(tmp_path / "nothing")
+
+
+def _mtimes(directory: Path) -> dict[str, int]:
+    return {
+        p.name: p.stat().st_mtime_ns
+        for p in directory.iterdir()
+        if p.is_file() and p.name != "run.json"
+    }
+
+
+def test_rerun_into_a_finished_run_reuses_every_stage(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
+    config = RunConfig(model=str(tiny_gpt2_dir), min_per_class=20, seed=4, figure_layer=1)
+    out = tmp_path / "done"
+    first = run(config, out, progress=False)
+    written = _mtimes(out)
+    # The same settings, or --resume: nothing is redone, the tables come back from the files.
+    for again in (
+        run(config, out, progress=False),
+        run(None, out, resume=True, progress=False),
+    ):
+        assert _mtimes(out) == written
+        pd.testing.assert_frame_equal(again.neurons, first.neurons)
+        assert again.record["status"] == "complete"
+        assert again.record["stages"] == first.record["stages"]
+        assert again.record["statistics"] == first.record["statistics"]
+    assert len(again.record["resumed"]) == 2
+
+
+def test_resume_finishes_a_staged_run_with_its_recorded_settings(
+    tiny_gpt2_dir: Path, tmp_path: Path
+) -> None:
+    config = RunConfig(model=str(tiny_gpt2_dir), min_per_class=20, seed=6, figure_layer=2)
+    whole = run(config, tmp_path / "whole", progress=False)
+    out = tmp_path / "staged"
+    run(config, out, progress=False, stop_after="activations")
+    written = _mtimes(out)
+    resumed = run(None, out, resume=True, progress=False)
+    assert {name: _mtimes(out)[name] for name in written} == written  # not redone
+    assert resumed.record["config"] == whole.record["config"]
+    for name in ("contexts.parquet", "activations.npy", "neurons.parquet", "layers.csv"):
+        assert (out / name).read_bytes() == (whole.directory / name).read_bytes(), name
+    assert resumed.record["stages"] == whole.record["stages"]
+    assert resumed.record["counts"] == whole.record["counts"]
+
+
+def test_resume_refuses_what_it_cannot_do(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
+    config = RunConfig(model=str(tiny_gpt2_dir), min_per_class=20)
+    with pytest.raises(NeuronprobeError, match="holds no readable run.json"):
+        run(None, tmp_path / "nothing", resume=True, progress=False)
+    assert not (tmp_path / "nothing").exists()
+    with pytest.raises(NeuronprobeError, match="needs --out"):
+        run(None, None, resume=True, progress=False)
+    out = tmp_path / "staged"
+    run(config, out, progress=False, stop_after="contexts")
+    with pytest.raises(NeuronprobeError, match="choose one"):
+        run(None, out, resume=True, force=True, progress=False)
+    with pytest.raises(NeuronprobeError, match="recorded settings, but alpha differ"):
+        run(RunConfig(**{**config.__dict__, "alpha": 0.3}), out, resume=True, progress=False)
+
+
+def test_force_moves_the_earlier_run_aside(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    config = RunConfig(model=str(tiny_gpt2_dir), min_per_class=20, seed=1, figure_layer=0)
+    run(config, out, progress=False, stop_after="contexts")
+    earlier = (out / "contexts.parquet").read_bytes()
+    (out / "notes.txt").write_text("mine")
+    other = RunConfig(**{**config.__dict__, "seed": 2})
+    run(other, out, force=True, progress=False, stop_after="contexts")
+    (kept,) = (out / "history").iterdir()
+    assert kept.name.endswith("-replaced")
+    assert sorted(p.name for p in kept.iterdir()) == ["contexts.parquet", "run.json"]
+    assert (kept / "contexts.parquet").read_bytes() == earlier
+    assert json.loads((kept / "run.json").read_text())["config"]["seed"] == 1
+    assert json.loads((out / "run.json").read_text())["config"]["seed"] == 2
+    assert (out / "notes.txt").read_text() == "mine"  # not a run file: left where it was
+
+
+def test_a_run_directory_in_use_is_refused(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
+    from neuronprobe import rundir
+
+    out = tmp_path / "busy"
+    with rundir.locked(out), pytest.raises(NeuronprobeError, match="another neuronprobe process"):
+        run(RunConfig(model=str(tiny_gpt2_dir), min_per_class=20), out, progress=False)
+    assert not any(out.iterdir())
+
+
+def test_interrupted_statistics_are_marked_and_redone(
+    tiny_gpt2_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import neuronprobe.pipeline
+
+    config = RunConfig(model=str(tiny_gpt2_dir), min_per_class=20, seed=8, figure_layer=1)
+    whole = run(config, tmp_path / "whole", progress=False)
+    out = tmp_path / "stopped"
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        # Ctrl-C in the middle of the statistics stage.
+        patch.setattr(neuronprobe.pipeline, "fit_neuron_logits", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            run(config, out, progress=False)
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "interrupted"
+    assert record["stages"] == {
+        "contexts": "complete",
+        "activations": "complete",
+        "statistics": "interrupted",
+        "figures": "interrupted",
+    }
+    assert not (out / "neurons.parquet").exists()
+    resumed = run(None, out, resume=True, progress=False)
+    assert resumed.record["stages"] == whole.record["stages"]
+    for name in ("activations.npy", "neurons.parquet", "neurons.csv", "layers.csv"):
+        assert (out / name).read_bytes() == (whole.directory / name).read_bytes(), name

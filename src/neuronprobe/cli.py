@@ -8,10 +8,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from neuronprobe import __version__
 from neuronprobe.activations import SITES
@@ -42,7 +44,16 @@ def _add_context_options(parser: argparse.ArgumentParser) -> None:
         "--out", type=Path, default=None, help="run directory (default: runs/<timestamp>)"
     )
     parser.add_argument(
-        "--force", action="store_true", help="write into --out even if it already holds files"
+        "--force",
+        action="store_true",
+        help="start anew in an --out that holds another run (its files move to history/)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="finish the run in --out with its recorded settings, reusing finished stages and "
+        "batches (after Ctrl-C, a kill or a crash); only --device, --batch-size and --quiet "
+        "may be given with it",
     )
     parser.add_argument(
         "--config",
@@ -248,9 +259,16 @@ def _add_statistics_options(parser: argparse.ArgumentParser, defaults: RunConfig
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the tool's one-line errors (no usage block) and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"neuronprobe: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     defaults = RunConfig()
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="neuronprobe",
         description="Find the neurons of a language model that tell two word contexts apart.",
     )
@@ -327,6 +345,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``neuronprobe`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    if in_main_thread:
+        # `kill` (SIGTERM) stops a run as Ctrl-C does: run.json says "interrupted", exit 130.
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return _main(args, argv)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(args: argparse.Namespace, argv: list[str]) -> int:
     logging.basicConfig(
         level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
         format="neuronprobe: %(message)s",
@@ -349,8 +379,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"neuronprobe: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("neuronprobe: interrupted", file=sys.stderr)
+        out = getattr(args, "out", None)
+        resume = f"; `neuronprobe run --out {out} --resume` goes on from there" if out else ""
+        print(f"neuronprobe: interrupted{resume}", file=sys.stderr)
         return 130
+
+
+def _interrupt(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def contrast_from_args(args: argparse.Namespace, base: Contrast | None = None) -> Contrast:
@@ -444,8 +480,38 @@ def config_from_args(args: argparse.Namespace, argv: Sequence[str]) -> RunConfig
     return RunConfig.from_dict({**base.__dict__, **changes})
 
 
+#: Options that may come with --resume: they say how the run goes on, not what it computes.
+_RESUME_OPTIONS = {"out", "resume", "quiet", "device", "batch_size"}
+
+
+def _resumed_config(args: argparse.Namespace, argv: Sequence[str]) -> RunConfig:
+    """``--resume``: the settings in ``--out``'s run.json, with --device/--batch-size applied."""
+    if args.out is None:
+        raise NeuronprobeError("--resume needs --out RUN_DIR: the run to finish.")
+    given = _given(args.command, argv)
+    extra = sorted(given - _RESUME_OPTIONS)
+    if extra:
+        names = ", ".join("--" + name.replace("_", "-") for name in extra)
+        raise NeuronprobeError(
+            f"--resume finishes the run in {args.out} with its recorded settings; drop {names} "
+            "(or start a new --out; `neuronprobe probe` refits with other statistics settings)."
+        )
+    from neuronprobe.pipeline import read_record
+
+    recorded = read_record(args.out).get("config")
+    if not isinstance(recorded, dict):
+        raise NeuronprobeError(
+            f"--resume: {args.out}/run.json records no config; it was not written by "
+            "`neuronprobe run`."
+        )
+    changes: dict[str, Any] = {
+        name: getattr(args, name) for name in ("device", "batch_size") if name in given
+    }
+    return RunConfig.from_dict({**recorded, **changes})
+
+
 def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    config = config_from_args(args, argv)
+    config = _resumed_config(args, argv) if args.resume else config_from_args(args, argv)
     # Heavy imports only once the settings are known to be valid.
     from transformers.utils import logging as hf_logging
 
@@ -453,7 +519,14 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     hf_logging.disable_progress_bar()
     stop_after = None if args.command == "run" else args.command
-    result = run(config, args.out, force=args.force, progress=not args.quiet, stop_after=stop_after)
+    result = run(
+        config,
+        args.out,
+        force=args.force,
+        resume=args.resume,
+        progress=not args.quiet,
+        stop_after=stop_after,
+    )
     counts = result.record["counts"]
     layers = result.layers
     if layers is None:

@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from neuronprobe.activations import SITES
 from neuronprobe.contexts import Contrast
 from neuronprobe.errors import NeuronprobeError, check_known_keys
+from neuronprobe.models import DTYPES
 
 #: Engines of ``statistics.fit_neuron_logits``.
 ENGINES = ("fast", "torch", "statsmodels")
@@ -161,6 +163,8 @@ class RunConfig:
             ("correction", self.correction, CORRECTIONS),
             ("test", self.test, TESTS),
             ("engine", self.engine, ENGINES),
+            ("site", self.site, SITES),
+            ("dtype", self.dtype, DTYPES),
         ):
             if value not in allowed:
                 raise NeuronprobeError(
@@ -170,6 +174,12 @@ class RunConfig:
             raise NeuronprobeError(f"--cv must be 0 (none) or at least 2 folds (got {self.cv}).")
         if self.batch_size < 1:
             raise NeuronprobeError(f"--batch-size must be >= 1 (got {self.batch_size}).")
+        length = self.contrast.context_length + 1
+        if not -length <= self.position < length:
+            raise NeuronprobeError(
+                f"--position {self.position} is outside the {length}-token contexts; use "
+                f"-{length} to {length - 1} (-1 = the target)."
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict of every setting."""

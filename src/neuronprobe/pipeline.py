@@ -7,9 +7,11 @@ calls them in order, writes their results into the run directory (see
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import json
 import logging
+import os
 import platform
 import shutil
 import sys
@@ -36,7 +38,7 @@ from neuronprobe.figures import (
     neuron_figure,
     save_figure,
 )
-from neuronprobe.models import load_model
+from neuronprobe.models import LoadedModel, load_model
 from neuronprobe.statistics import fit_neuron_logits
 from neuronprobe.tables import layer_table, neuron_table
 from neuronprobe.text import Corpus, open_corpus
@@ -88,7 +90,8 @@ def versions() -> dict[str, str]:
     return found
 
 
-# Settings that decide which contexts a run collects: equal settings, reusable contexts.
+# Settings each stage's output depends on, besides those of the stages before it. Others
+# (device, batch size) say how a stage runs, not what it gives.
 CONTEXT_SETTINGS = (
     "model",
     "corpus",
@@ -99,49 +102,122 @@ CONTEXT_SETTINGS = (
     "normalize_apostrophes",
     "seed",
 )
+ACTIVATION_SETTINGS = ("dtype", "site", "layers", "position")
+STAGE_SETTINGS = {
+    "contexts": CONTEXT_SETTINGS,
+    "activations": ACTIVATION_SETTINGS,
+    "statistics": STATISTICS_SETTINGS,
+}
+#: The files each stage writes; a stage counts as finished only if ``run.json`` says so and
+#: they are all there.
+STAGE_FILES = {
+    "contexts": (rundir.CONTEXTS,),
+    "activations": (rundir.ACTIVATIONS,),
+    "statistics": (rundir.NEURONS, rundir.NEURONS_CSV, rundir.LAYERS),
+    "report": (rundir.REPORT,),
+}
+#: Everything a run writes into its directory (what ``--force`` sets aside).
+RUN_FILES = (
+    rundir.RUN_JSON,
+    rundir.CONTEXTS,
+    rundir.ACTIVATIONS,
+    "activations.json",
+    rundir.ACTIVATIONS + ".partial",
+    rundir.ACTIVATIONS + ".progress.json",
+    rundir.NEURONS,
+    rundir.NEURONS_CSV,
+    rundir.LAYERS,
+    rundir.FIGURES,
+    rundir.REPORT,
+)
 
 
-def open_run_directory(out: Path, config: RunConfig, force: bool) -> dict[str, Any] | None:
-    """Create the run directory, or find in it contexts this run may reuse.
+def open_run_directory(
+    out: Path, config: RunConfig, *, force: bool = False, resume: bool = False
+) -> dict[str, Any] | None:
+    """Create the run directory, or find in it the earlier run this one continues.
 
-    Returns the earlier ``run.json`` when ``out`` holds contexts collected with the same
-    :data:`CONTEXT_SETTINGS` (by ``neuronprobe contexts``, or by an unfinished or identical
-    run); None for a new run. Refuses any other folder that holds files, unless ``force``.
+    Returns the earlier ``run.json`` when ``out`` holds a run with the same settings for every
+    stage it finished (so that those stages are reused: ``neuronprobe contexts`` then ``run``,
+    a rerun of an interrupted run, ``--resume``); None for a new run.  Any other folder that
+    holds files is refused, unless ``force``, which first moves the earlier run's files to
+    ``history/`` (nothing is deleted).
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise NeuronprobeError(f"--out {out} is a file; name a folder for the run.")
     if not out.is_dir() or not any(out.iterdir()):
+        if resume:
+            raise NeuronprobeError(
+                f"--resume: {out} holds no run to resume; drop --resume to start one there."
+            )
         out.mkdir(parents=True, exist_ok=True)
         return None
     if force:
+        _set_aside(out)
         return None
-    earlier = _reusable_record(out, config)
-    if earlier is None:
+    try:
+        earlier = rundir.read_json(out / rundir.RUN_JSON)
+        earlier["config"]["model"]
+    except (OSError, ValueError, KeyError, TypeError):
         raise NeuronprobeError(
-            f"--out {out} already holds files (an earlier run with other settings?); choose "
-            "another --out, or pass --force to overwrite its results."
+            f"--out {out} already holds files but no run.json of a neuronprobe run; choose "
+            "another --out, or pass --force to write there (its files are kept)."
+        ) from None
+    if not finished_stages(out, earlier):
+        return None  # it stopped before finishing anything (bad input, an early Ctrl-C)
+    refusal = _different(earlier, config, out)
+    if refusal:
+        raise NeuronprobeError(
+            f"--out {out} already holds a different run ({refusal}); choose another --out, "
+            f"`neuronprobe run --out {out} --resume` to finish that run with its own settings, "
+            "`neuronprobe probe` to refit it with other statistics settings, or --force to "
+            "start anew there (the earlier files move to history/)."
         )
     return earlier
 
 
-def _reusable_record(out: Path, config: RunConfig) -> dict[str, Any] | None:
-    try:
-        earlier = rundir.read_json(out / rundir.RUN_JSON)
-        settings = earlier["config"]
-    except (OSError, ValueError, KeyError):
-        return None
+def finished_stages(directory: Path, record: dict[str, Any]) -> set[str]:
+    """The stages ``run.json`` marks complete whose files are all in ``directory``."""
+    stages = record.get("stages", {})
+    return {
+        stage
+        for stage, files in STAGE_FILES.items()
+        if stages.get(stage) == "complete" and all((directory / f).exists() for f in files)
+    }
+
+
+def _different(earlier: dict[str, Any], config: RunConfig, directory: Path) -> str | None:
+    """Why the run recorded in ``earlier`` is not this one, or None if this one may continue it.
+
+    Settings may differ only for the stages the earlier run did not finish (and those after).
+    """
+    settings = earlier["config"]
     wanted = json.loads(json.dumps(config.to_dict()))  # as run.json holds it: lists, not tuples
-    if earlier.get("stages", {}).get("contexts") != "complete":
-        return None
-    if not (out / rundir.CONTEXTS).is_file():
-        return None
-    if any(settings.get(key) != wanted[key] for key in CONTEXT_SETTINGS):
-        return None
-    # Later stages may be redone only where they were never finished, or would come out the same.
-    if earlier.get("stages", {}).get("statistics") == "complete" and settings != wanted:
-        return None
-    return earlier
+    finished = finished_stages(directory, earlier)
+    for stage, names in STAGE_SETTINGS.items():
+        if stage != "contexts" and stage not in finished:
+            break
+        changed = [name for name in names if settings.get(name) != wanted.get(name)]
+        if changed:
+            return f"other {', '.join(changed)}"
+    return None
+
+
+def _set_aside(directory: Path) -> None:
+    """Move an earlier run's files to ``history/<time>-replaced/`` (``--force``)."""
+    present = [name for name in RUN_FILES if (directory / name).exists()]
+    if not present:
+        return
+    target = directory / "history" / (datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-replaced")
+    suffix = 1
+    while target.exists():
+        suffix += 1
+        target = target.with_name(f"{target.name.split('~')[0]}~{suffix}")
+    target.mkdir(parents=True)
+    for name in present:
+        os.replace(directory / name, target / name)
+    logger.warning("--force: the earlier run's files moved to %s (delete it to free space)", target)
 
 
 def run(
@@ -149,6 +225,7 @@ def run(
     out: Path | str | None = None,
     *,
     force: bool = False,
+    resume: bool = False,
     progress: bool = True,
     stop_after: str | None = None,
 ) -> RunResult:
@@ -158,11 +235,17 @@ def run(
     ----------
     config:
         Every setting; the default is the notebook's analysis on the offline defaults
-        (SmolLM2-135M, the movie reviews, "can" vs "can't").
+        (SmolLM2-135M, the movie reviews, "can" vs "can't").  With ``resume``, None means the
+        settings recorded in ``out/run.json``.
     out:
         The run directory (default ``runs/<timestamp>``).
     force:
-        Allow writing into a folder that already holds other results.
+        Start a new run in a folder that holds another one; its files are moved to
+        ``out/history/`` first.
+    resume:
+        Finish the run recorded in ``out`` with its recorded settings: finished stages are
+        reused, the activations go on from the last finished batch.  (A run with the same
+        settings into the same ``out`` does the same.)
     progress:
         Show progress bars.
     stop_after:
@@ -173,38 +256,107 @@ def run(
     Returns
     -------
     RunResult
-        The run directory, the neuron and layer tables, ``run.json``'s content and the figures.
+        The run directory, the neuron and layer tables, ``run.json``'s content and the figures
+        (figures only of stages run by this call: a finished run's are in ``figures/``).
     """
-    config = config or RunConfig()
-    # Cheap input checks (the corpus exists and is readable) before anything is written.
-    corpus = open_corpus(config.corpus, text_column=config.text_column)
     if stop_after not in (None, "contexts", "activations"):
         raise ValueError(
             f"stop_after must be None, 'contexts' or 'activations', got {stop_after!r}"
         )
+    if resume and force:
+        raise NeuronprobeError(
+            "--resume finishes the run in --out and --force replaces it; choose one."
+        )
+    if resume:
+        if out is None:
+            raise NeuronprobeError("--resume needs --out RUN_DIR: the run to finish.")
+        config = _resumed_config(Path(out), config)
+    config = config or RunConfig()
     directory = Path(out) if out is not None else default_out()
-    earlier = open_run_directory(directory, config, force)
-    timings: dict[str, float] = {}
-    record: dict[str, Any] = {
-        "status": "running",
-        # Reused contexts stay marked complete, so a resumed run can itself be resumed.
-        "stages": {"contexts": "complete"} if earlier else {},
-        "started": datetime.now(UTC).isoformat(timespec="seconds"),
-        "config": config.to_dict(),
-        "seed": config.seed,
-        "versions": versions(),
-        "timings_s": timings,
-    }
-    rundir.write_json(directory / rundir.RUN_JSON, record)
+    with rundir.locked(directory):
+        earlier = open_run_directory(directory, config, force=force, resume=resume)
+        finished = finished_stages(directory, earlier) if earlier else set()
+        # Cheap input checks (the corpus exists and is readable) before any heavy work.
+        corpus = None
+        if "contexts" not in finished:
+            corpus = open_corpus(config.corpus, text_column=config.text_column)
+        logger.info("run directory: %s", directory)
+        record = _start_record(config, earlier, finished)
+        # The model before anything is written: a bad --model, site, layer or target is
+        # refused without a trace, and its tokenizer defines the contexts.
+        loaded, layers = _model_stage(config, record, finished, stop_after)
+        rundir.write_json(directory / rundir.RUN_JSON, record)
+        with _marked_if_stopped(record, directory):
+            return _run_stages(
+                config, corpus, loaded, layers, directory, record, finished, progress, stop_after
+            )
+
+
+@contextmanager
+def _marked_if_stopped(record: dict[str, Any], directory: Path) -> Iterator[None]:
+    """On any exception, mark the run and its running stage failed or interrupted, then re-raise.
+
+    ``run.json`` must never claim that a run which stopped half-way is complete.
+    """
     try:
-        return _run_stages(config, corpus, directory, record, earlier, progress, stop_after)
+        yield
     except BaseException as error:
-        # run.json must never claim a run that stopped half-way was complete.
-        interrupted = isinstance(error, KeyboardInterrupt)
-        record["status"] = "interrupted" if interrupted else "failed"
+        status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+        record["status"] = status
+        for stage, state in record["stages"].items():
+            if state == "running":
+                record["stages"][stage] = status
         record["error"] = f"{type(error).__name__}: {error}"
         rundir.write_json(directory / rundir.RUN_JSON, record)
         raise
+
+
+def _resumed_config(directory: Path, config: RunConfig | None) -> RunConfig:
+    """The settings recorded in ``directory/run.json``; ``config`` may differ only in device."""
+    record = read_record(directory)
+    try:
+        recorded = RunConfig.from_dict(record["config"])
+    except KeyError:
+        raise NeuronprobeError(
+            f"--resume: {directory / rundir.RUN_JSON} records no config; it was not written "
+            "by `neuronprobe run`."
+        ) from None
+    if config is None:
+        return recorded
+    given = json.loads(json.dumps(config.to_dict()))
+    changed = [
+        name
+        for name, value in record["config"].items()
+        if name not in ("device", "batch_size") and given.get(name) != value
+    ]
+    if changed:
+        raise NeuronprobeError(
+            f"--resume finishes the run with its recorded settings, but {', '.join(changed)} "
+            "differ; drop them, use `neuronprobe probe` for other statistics settings, or "
+            "start a new --out."
+        )
+    return dataclasses.replace(recorded, device=config.device, batch_size=config.batch_size)
+
+
+def _start_record(
+    config: RunConfig, earlier: dict[str, Any] | None, finished: set[str]
+) -> dict[str, Any]:
+    """``run.json`` at the start: a new one, or the earlier run's with its finished stages."""
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    record: dict[str, Any] = {"status": "running", "stages": {}, "started": now}
+    if earlier is not None:
+        kept = ("started", "model", "contrast", "corpus", "counts", "activations", "statistics")
+        record.update({key: earlier[key] for key in kept if key in earlier})
+        record["resumed"] = [*earlier.get("resumed", []), now]
+        record["stages"] = dict.fromkeys(
+            (stage for stage in earlier.get("stages", {}) if stage in finished), "complete"
+        )
+        if "statistics" in finished:
+            record["stages"]["figures"] = "complete"
+    timings = dict(earlier.get("timings_s", {})) if earlier else {}
+    record.update(config=config.to_dict(), seed=config.seed, versions=versions(), timings_s=timings)
+    record["status"] = "running"
+    return record
 
 
 @contextmanager
@@ -215,54 +367,77 @@ def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
     logger.info("%s done in %.1f s", name, timings[name])
 
 
+@contextmanager
+def _stage(record: dict[str, Any], directory: Path, name: str) -> Iterator[None]:
+    """Mark stage ``name`` running in ``run.json``, time it, and mark it complete."""
+    record["stages"][name] = "running"
+    rundir.write_json(directory / rundir.RUN_JSON, record)
+    with _timed(record["timings_s"], name):
+        yield
+    record["stages"][name] = "complete"
+    rundir.write_json(directory / rundir.RUN_JSON, record)
+
+
+def _model_stage(
+    config: RunConfig, record: dict[str, Any], finished: set[str], stop_after: str | None
+) -> tuple[LoadedModel | None, list[int]]:
+    """Load the model if a stage still to run needs it, and check the settings that depend on it.
+
+    Returns the model (None when the contexts and activations are reused) and the layers to
+    record; fills ``record``'s ``model`` and ``contrast``.
+    """
+    need_model = "activations" not in finished and not (
+        stop_after == "contexts" and "contexts" in finished
+    )
+    loaded = None
+    if need_model:
+        with _timed(record["timings_s"], "model"):
+            loaded = load_model(config.model, device=config.device, dtype=config.dtype)
+            n_layers = len(hook_points(loaded.model, config.site))
+            layers = resolve_layers(config.layers, n_layers)
+            contrast_ids = resolve_contrast(config.contrast, loaded.tokenizer)
+        record["model"] = loaded.identity
+        record["contrast"] = {
+            **config.contrast.__dict__,
+            "description": config.contrast.describe(),
+            "target_id": contrast_ids.target_id,
+            "positive_ids": [list(ids) for ids in contrast_ids.positive_sequences],
+            "excluded_ids": sorted(contrast_ids.excluded_ids),
+        }
+    else:
+        layers = list(record.get("activations", {}).get("layers", config.layers or []))
+    if layers and stop_after is None and config.figure_layer not in layers:
+        raise NeuronprobeError(
+            f"--layer {config.figure_layer} is not among the recorded layers {layers}; "
+            "choose one of them for the per-neuron figures."
+        )
+    return loaded, layers
+
+
 def _run_stages(
     config: RunConfig,
-    corpus: Corpus,
+    corpus: Corpus | None,
+    loaded: LoadedModel | None,
+    layers: list[int],
     directory: Path,
     record: dict[str, Any],
-    earlier: dict[str, Any] | None,
+    finished: set[str],
     progress: bool,
     stop_after: str | None,
 ) -> RunResult:
-    timings: dict[str, float] = record["timings_s"]
+    if finished:
+        logger.info(
+            "continuing the run in %s: reusing its %s",
+            directory,
+            ", ".join(stage for stage in STAGE_FILES if stage in finished),
+        )
 
-    def stage(name: str) -> Any:
-        return _timed(timings, name)
-
-    # The model before the scan: its tokenizer defines the contexts, and a bad --model fails fast.
-    with stage("model"):
-        loaded = load_model(config.model, device=config.device, dtype=config.dtype)
-        n_layers = len(hook_points(loaded.model, config.site))
-        layers = resolve_layers(config.layers, n_layers)
-        if config.figure_layer not in layers:
-            raise NeuronprobeError(
-                f"--layer {config.figure_layer} is not among the recorded layers {layers}; "
-                "choose one of them for the per-neuron figures."
-            )
-        length = config.contrast.context_length + 1
-        if not -length <= config.position < length:
-            raise NeuronprobeError(
-                f"--position {config.position} is outside the {length}-token contexts; use "
-                f"-{length} to {length - 1} (-1 = the target)."
-            )
-        contrast_ids = resolve_contrast(config.contrast, loaded.tokenizer)
-    record["model"] = loaded.identity
-    record["contrast"] = {
-        **config.contrast.__dict__,
-        "description": config.contrast.describe(),
-        "target_id": contrast_ids.target_id,
-        "positive_ids": [list(ids) for ids in contrast_ids.positive_sequences],
-        "excluded_ids": sorted(contrast_ids.excluded_ids),
-    }
-
-    if earlier is not None:
+    if "contexts" in finished:
         logger.info("reusing the contexts in %s", directory / rundir.CONTEXTS)
         contexts = load_contexts(directory / rundir.CONTEXTS)
-        for key in ("corpus", "counts"):
-            record[key] = earlier[key]
-        timings["contexts"] = earlier["timings_s"].get("contexts", 0.0)
     else:
-        with stage("contexts"):
+        assert loaded is not None and corpus is not None
+        with _stage(record, directory, "contexts"):
             contexts = collect_contexts(
                 corpus.documents(),
                 loaded.tokenizer,
@@ -274,51 +449,63 @@ def _run_stages(
                 progress=progress,
             )
             save_contexts(contexts, directory / rundir.CONTEXTS, loaded.tokenizer, config.contrast)
-        record["corpus"] = corpus.identity()
-        record["counts"] = {**contexts.counts, "contexts": len(contexts)}
-    record["stages"]["contexts"] = "complete"
-    rundir.write_json(directory / rundir.RUN_JSON, record)
+            record["corpus"] = corpus.identity()
+            record["counts"] = {**contexts.counts, "contexts": len(contexts)}
     if stop_after == "contexts":
         return _finish(directory, record)
 
-    with stage("activations"):
-        activations = extract_to_file(
-            loaded.model,
-            contexts.tokens,
-            directory / rundir.ACTIVATIONS,
-            identity=loaded.identity,
-            layers=layers,
-            site=config.site,
-            position=config.position,
-            batch_size=config.batch_size,
-            progress=progress,
-        )
-        shape = activations.shape
-    record["stages"]["activations"] = "complete"
-    record["activations"] = {
-        "file": rundir.ACTIVATIONS,
-        "shape": list(shape),
-        "dtype": "float32",
-        "axes": ["layer", "context", "neuron"],
-        "layers": layers,
-        "site": config.site,
-        "position": config.position,
-    }
+    if "activations" in finished:
+        logger.info("reusing the activations in %s", directory / rundir.ACTIVATIONS)
+        activations = np.load(directory / rundir.ACTIVATIONS, mmap_mode="r")
+    else:
+        assert loaded is not None
+        with _stage(record, directory, "activations"):
+            activations = extract_to_file(
+                loaded.model,
+                contexts.tokens,
+                directory / rundir.ACTIVATIONS,
+                identity=loaded.identity,
+                layers=layers,
+                site=config.site,
+                position=config.position,
+                batch_size=config.batch_size,
+                progress=progress,
+            )
+            record["activations"] = {
+                "file": rundir.ACTIVATIONS,
+                "shape": list(activations.shape),
+                "dtype": "float32",
+                "axes": ["layer", "context", "neuron"],
+                "layers": layers,
+                "site": config.site,
+                "position": config.position,
+            }
+    del loaded  # the statistics need no model: free its memory
     if stop_after == "activations":
         return _finish(directory, record)
 
-    outputs = _statistics_and_figures(
-        config,
-        activations,
-        contexts.labels,
-        contexts.document_ids,
-        layers,
-        directory,
-        record,
-        progress,
-    )
+    outputs: tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]
+    if "statistics" in finished:
+        logger.info("reusing the statistics in %s", directory / rundir.NEURONS)
+        outputs = (
+            pd.read_parquet(directory / rundir.NEURONS),
+            pd.read_csv(directory / rundir.LAYERS),
+            {},
+        )
+    else:
+        outputs = _statistics_and_figures(
+            config,
+            activations,
+            contexts.labels,
+            contexts.document_ids,
+            layers,
+            directory,
+            record,
+            progress,
+        )
     result = _finish(directory, record)
-    _report(directory, record)
+    if "report" not in finished:
+        _report(directory, record)
     result.neurons, result.layers, result.figures = outputs
     return result
 
@@ -327,10 +514,8 @@ def _report(directory: Path, record: dict[str, Any]) -> None:
     """The last stage: ``report.html`` from the finished run directory's files."""
     from neuronprobe.report import write_report
 
-    with _timed(record["timings_s"], "report"):
+    with _stage(record, directory, "report"):
         write_report(directory)
-    record["stages"]["report"] = "complete"
-    rundir.write_json(directory / rundir.RUN_JSON, record)
 
 
 def report(out: Path | str) -> Path:
@@ -344,13 +529,14 @@ def report(out: Path | str) -> Path:
     from neuronprobe.report import write_report
 
     directory = Path(out)
-    record = _read_record(directory)
+    record = read_record(directory)
     if record.get("stages", {}).get("statistics") != "complete":
         raise NeuronprobeError(
-            f"--out {directory} has no finished statistics; run `neuronprobe run --out "
-            f"{directory}` (or `neuronprobe probe`) first."
+            f"--out {directory} has no finished statistics; finish the run first with "
+            f"`neuronprobe run --out {directory} --resume`."
         )
-    return write_report(directory)
+    with rundir.locked(directory):
+        return write_report(directory)
 
 
 def _statistics_and_figures(
@@ -367,8 +553,13 @@ def _statistics_and_figures(
 
     ``activations`` is ``[layers, contexts, neurons]`` (a memory map is read layer by layer).
     """
+    import matplotlib.pyplot as plt
+
     timings: dict[str, float] = record["timings_s"]
     seed = config.seed if config.statistics_seed is None else config.statistics_seed
+    record["stages"].update(statistics="running", figures="running")
+    record["stages"].pop("report", None)
+    rundir.write_json(directory / rundir.RUN_JSON, record)
     with _timed(timings, "statistics"):
         fits = fit_neuron_logits(
             activations,
@@ -435,6 +626,8 @@ def _statistics_and_figures(
             figures["control"] = control_figure(layers_profile)
         for name, figure in figures.items():
             save_figure(figure, directory / rundir.FIGURES / name)
+            # The caller keeps the Figure; pyplot need not (a long session would pile them up).
+            plt.close(figure)
     record["stages"].update(activations="complete", statistics="complete", figures="complete")
     return neurons, layers_profile, figures
 
@@ -453,12 +646,12 @@ def probe(out: Path | str, *, progress: bool = False, **changes: Any) -> RunResu
     were sampled (those are in ``contexts.parquet``, drawn with ``seed``).
     """
     directory = Path(out)
-    record = _read_record(directory)
+    record = read_record(directory)
     stages = record.get("stages", {})
     if stages.get("activations") != "complete" or not (directory / rundir.ACTIVATIONS).is_file():
         raise NeuronprobeError(
-            f"--out {directory} has no finished activations; run `neuronprobe run --out "
-            f"{directory}` first (it resumes an unfinished run)."
+            f"--out {directory} has no finished activations; finish the run first with "
+            f"`neuronprobe run --out {directory} --resume`."
         )
     unknown = sorted(set(changes) - set(STATISTICS_SETTINGS))
     if unknown:
@@ -472,38 +665,32 @@ def probe(out: Path | str, *, progress: bool = False, **changes: Any) -> RunResu
         raise NeuronprobeError(
             f"--layer {config.figure_layer} is not among the recorded layers {layers}."
         )
-    _archive_statistics(directory, record)
-    contexts = load_contexts(directory / rundir.CONTEXTS)
-    activations = np.load(directory / rundir.ACTIVATIONS, mmap_mode="r")
-    record["config"] = config.to_dict()
-    record["status"] = "running"
-    record["stages"]["statistics"] = "running"
-    record["probed"] = datetime.now(UTC).isoformat(timespec="seconds")
-    rundir.write_json(directory / rundir.RUN_JSON, record)
-    try:
-        outputs = _statistics_and_figures(
-            config,
-            activations,
-            contexts.labels,
-            contexts.document_ids,
-            layers,
-            directory,
-            record,
-            progress,
-        )
-    except BaseException as error:
-        record["status"] = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
-        record["stages"]["statistics"] = "failed"
-        record["error"] = f"{type(error).__name__}: {error}"
-        rundir.write_json(directory / rundir.RUN_JSON, record)
-        raise
-    result = _finish(directory, record)
-    _report(directory, record)
+    with rundir.locked(directory):
+        _archive_statistics(directory, record)
+        contexts = load_contexts(directory / rundir.CONTEXTS)
+        activations = np.load(directory / rundir.ACTIVATIONS, mmap_mode="r")
+        record["config"] = config.to_dict()
+        record["status"] = "running"
+        record["probed"] = datetime.now(UTC).isoformat(timespec="seconds")
+        record.pop("error", None)
+        with _marked_if_stopped(record, directory):
+            outputs = _statistics_and_figures(
+                config,
+                activations,
+                contexts.labels,
+                contexts.document_ids,
+                layers,
+                directory,
+                record,
+                progress,
+            )
+        result = _finish(directory, record)
+        _report(directory, record)
     result.neurons, result.layers, result.figures = outputs
     return result
 
 
-def _read_record(directory: Path) -> dict[str, Any]:
+def read_record(directory: Path) -> dict[str, Any]:
     """``run.json`` of a run directory, or a one-line error naming it."""
     try:
         return rundir.read_json(directory / rundir.RUN_JSON)
@@ -524,14 +711,22 @@ def _archive_statistics(directory: Path, record: dict[str, Any]) -> None:
     while target.exists():
         suffix += 1
         target = directory / "history" / f"{stamp}-{suffix}"
-    target.mkdir(parents=True)
-    for name in (rundir.NEURONS, rundir.NEURONS_CSV, rundir.LAYERS, rundir.FIGURES, rundir.REPORT):
-        source = directory / name
-        if source.is_dir():
-            shutil.copytree(source, target / name)
-        elif source.is_file():
-            shutil.copy2(source, target / name)
-    rundir.write_json(target / rundir.RUN_JSON, record)
+    # Copied into a temporary folder and renamed: history/ never holds a half-copied entry.
+    with rundir.atomic_path(target) as temporary:
+        temporary.mkdir()
+        for name in (
+            rundir.NEURONS,
+            rundir.NEURONS_CSV,
+            rundir.LAYERS,
+            rundir.FIGURES,
+            rundir.REPORT,
+        ):
+            source = directory / name
+            if source.is_dir():
+                shutil.copytree(source, temporary / name)
+            elif source.is_file():
+                shutil.copy2(source, temporary / name)
+        rundir.write_json(temporary / rundir.RUN_JSON, record)
     logger.info("earlier statistics kept in %s", target)
 
 

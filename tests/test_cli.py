@@ -398,7 +398,7 @@ def uninterrupted(tiny_gpt2_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     return out
 
 
-@pytest.mark.parametrize("how", ["SIGKILL", "SIGINT"])
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGINT", "SIGTERM"])
 def test_run_stopped_mid_extraction_resumes_to_the_same_result(
     how: str, uninterrupted: Path, tiny_gpt2_dir: Path, tmp_path: Path
 ) -> None:
@@ -433,7 +433,7 @@ def test_run_stopped_mid_extraction_resumes_to_the_same_result(
     if how == "SIGKILL":
         assert process.returncode == -signal.SIGKILL
         assert record["status"] == "running" and record["stages"]["activations"] == "running"
-    else:  # Ctrl-C
+    else:  # Ctrl-C, or `kill`'s SIGTERM: the same orderly stop
         assert process.returncode == 130
         assert f"`neuronprobe run --out {out} --resume` goes on from there" in stderr
         assert record["status"] == "interrupted"

@@ -25,3 +25,55 @@ def test_failed_rewrite_keeps_the_previous_file(tmp_path: Path) -> None:
         raise RuntimeError
     assert read_json(target) == {"status": "complete"}
     assert [p.name for p in tmp_path.iterdir()] == ["run.json"]
+
+
+def test_a_folder_appears_whole_or_not_at_all(tmp_path: Path) -> None:
+    target = tmp_path / "history" / "earlier"
+    with pytest.raises(RuntimeError), atomic_path(target) as temporary:
+        temporary.mkdir()
+        (temporary / "neurons.csv").write_text("layer,neuron\n")
+        raise RuntimeError("killed mid-copy")
+    assert list((tmp_path / "history").iterdir()) == []
+    with atomic_path(target) as temporary:
+        temporary.mkdir()
+        (temporary / "neurons.csv").write_text("layer,neuron\n")
+    assert [p.name for p in target.iterdir()] == ["neurons.csv"]
+
+
+def test_the_lock_clears_what_a_killed_writer_left_and_refuses_a_second_writer(
+    tmp_path: Path,
+) -> None:
+    import subprocess
+    import sys
+
+    from neuronprobe.errors import NeuronprobeError
+    from neuronprobe.rundir import locked
+
+    # A process killed inside atomic_path leaves its temporary behind (here: never cleaned up).
+    script = (
+        "import os, pathlib; from neuronprobe.rundir import atomic_path\n"
+        f"with atomic_path(pathlib.Path({str(tmp_path / 'figures' / 'layers.png')!r})) as t:\n"
+        "    t.write_bytes(b'half'); os._exit(9)\n"
+    )
+    assert subprocess.run([sys.executable, "-c", script]).returncode == 9
+    (left,) = (tmp_path / "figures").iterdir()
+    assert left.name.startswith(".layers.png.partial-")
+    write_json(tmp_path / "run.json", {"status": "running"})
+    with locked(tmp_path):
+        assert list((tmp_path / "figures").iterdir()) == []
+        assert (tmp_path / "run.json").is_file()  # finished files stay
+        # Another process cannot take the lock while this one holds it.
+        other = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                f"from neuronprobe.rundir import locked\nwith locked({str(tmp_path)!r}): pass",
+            ],
+            capture_output=True,
+            text=True,
+        )
+        assert other.returncode == 1 and "another neuronprobe process" in other.stderr
+    with locked(tmp_path):  # released
+        pass
+    with pytest.raises(NeuronprobeError, match="is a file"), locked(tmp_path / "run.json"):
+        pass

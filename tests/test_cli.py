@@ -65,6 +65,8 @@ def bad_inputs(
     for name, data in files.items():
         (folder / name).write_bytes(data)
     (folder / "not-a-model").mkdir()
+    (folder / "unknown-type").mkdir()
+    (folder / "unknown-type" / "config.json").write_text('{"model_type": "no-such-arch"}')
     (folder / "not-a-model" / "weights.bin").write_bytes(b"\0" * 16)
     # A real causal LM of an architecture without a neuron-site mapping.
     torch.manual_seed(0)
@@ -84,7 +86,10 @@ def bad_inputs(
     # A folder that holds another run (its contexts are finished).
     config = RunConfig(model=str(tiny_gpt2_dir), min_per_class=20, seed=1, figure_layer=0)
     run(config, folder / "earlier-run", progress=False, stop_after="contexts")
-    paths = {name: str(folder / name) for name in [*files, "not-a-model", "opt", "earlier-run"]}
+    paths = {
+        name: str(folder / name)
+        for name in [*files, "not-a-model", "unknown-type", "opt", "earlier-run"]
+    }
     return {**paths, "tiny": str(tiny_gpt2_dir)}
 
 
@@ -101,6 +106,12 @@ BAD_INPUTS = [
         "folder that is not a model",
         ["--model", "{not-a-model}"],
         "is a folder without config.json, not a model written by save_pretrained",
+    ),
+    (
+        "model of an unknown type",
+        ["--model", "{unknown-type}"],
+        "could not load --model '{unknown-type}' as a causal language model: The checkpoint "
+        "you are trying to load has model type `no-such-arch`",
     ),
     (
         "unsupported architecture",
@@ -199,6 +210,7 @@ def test_bad_input_is_one_clear_line_and_exit_code_2(
     assert "Traceback" not in stderr
     errors = [line for line in stderr.splitlines() if line.startswith("neuronprobe: error:")]
     assert len(errors) == 1, stderr
+    message = message.replace("'{unknown-type}'", repr(bad_inputs["unknown-type"]))
     if message.startswith("re:"):
         assert re.search(message[3:], errors[0]), stderr
     else:

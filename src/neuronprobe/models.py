@@ -166,24 +166,36 @@ def _checked_gguf(path: Path, name: str) -> Path:
 
 def _from_pretrained(location: str, name: str, **kwargs: Any) -> tuple[Any, Any]:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from neuronprobe.activations import architecture_for
 
     try:
+        # The config first: an architecture without neuron sites is refused before its
+        # weights are read (or downloaded: gigabytes for a large model).
+        config = AutoConfig.from_pretrained(location, **kwargs)
+        architecture_for(getattr(config, "model_type", None))
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, **kwargs)
     except (OSError, ValueError, KeyError) as error:
         raise NeuronprobeError(
-            f"could not load --model {name!r} as a causal language model: {error}"
+            f"could not load --model {name!r} as a causal language model: {_one_line(error)}"
         ) from error
     return tokenizer, model
+
+
+def _one_line(error: BaseException) -> str:
+    """A library's (often multi-line) error message as one line."""
+    return " ".join(str(error).split())
 
 
 def _from_hub(name: str) -> tuple[Any, Any]:
     """Load from the local Hugging Face cache if it is there, else from the hub if reachable."""
     try:
         return _from_pretrained(name, name, local_files_only=True)
-    except NeuronprobeError:
-        pass
+    except NeuronprobeError as error:
+        if error.__cause__ is None:
+            raise  # found in the cache, and refused (an architecture without neuron sites)
     if not hub_reachable():
         raise NeuronprobeError(
             f"--model {name!r} is not a local folder, not in the Hugging Face cache, and the hub "

@@ -1214,3 +1214,28 @@ def test_degenerate_regressions(x, y, alpha, engine):
     )
     assert fits.converged.all()
     assert_kkt(fits, x_arr, labels)
+
+
+def test_a_memory_mapped_array_is_read_layer_by_layer(tmp_path: Path) -> None:
+    """An activation array larger than memory still works: the fit never copies it whole."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat([False, True], 200)
+    path = tmp_path / "activations.npy"
+    stored = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(16, 400, 512))
+    for layer in range(16):
+        stored[layer] = rng.normal(size=(400, 512)) + labels[:, None] * rng.normal(size=512)
+    stored.flush()
+    del stored
+    activations = np.load(path, mmap_mode="r")
+    fit_neuron_logits(activations[:1], labels)  # compiled and warm
+    tracemalloc.start()  # numpy's allocations are traced
+    fits = fit_neuron_logits(activations, labels, shuffled_control=True)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert fits.beta.shape == (16, 512)
+    one_layer = activations[0].nbytes
+    # The per-neuron outputs (16 x 512 x a few dozen float64) and at most one layer's copy.
+    assert peak < one_layer + 16 * 512 * 8 * 40, (peak, activations.nbytes)
+    assert peak < activations.nbytes / 4

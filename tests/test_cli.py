@@ -174,6 +174,11 @@ BAD_INPUTS = [
         ["--out", "{earlier-run}", "--seed", "2"],
         "re:already holds a different run \\(other min_per_class, seed\\); choose another --out, `neuronprobe run --out .*earlier-run --resume`",
     ),
+    (
+        "unreachable Ray cluster",
+        ["--engine", "ray", "--ray-address", "127.0.0.1:1"],
+        "--ray-address 127.0.0.1:1: no Ray cluster answers at 127.0.0.1:1",
+    ),
     ("resume of nothing", ["--resume"], "holds no readable run.json"),
     (
         "resume with other settings",

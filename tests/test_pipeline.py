@@ -321,3 +321,20 @@ def test_interrupted_statistics_are_marked_and_redone(
     assert resumed.record["stages"] == whole.record["stages"]
     for name in ("activations.npy", "neurons.parquet", "neurons.csv", "layers.csv"):
         assert (out / name).read_bytes() == (whole.directory / name).read_bytes(), name
+
+
+def test_ray_engine_gives_the_single_process_run(
+    tiny_run: Any, tiny_gpt2_dir: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("ray")
+    config = RunConfig(
+        model=str(tiny_gpt2_dir), min_per_class=40, seed=3, engine="ray", ray_workers=2
+    )
+    result = run(config, tmp_path / "ray", progress=False)
+    for name in ["contexts.parquet", "activations.npy", "neurons.parquet", "layers.csv"]:
+        assert (result.directory / name).read_bytes() == (tiny_run.directory / name).read_bytes(), (
+            name
+        )
+    assert result.record["counts"] == tiny_run.record["counts"]
+    assert result.record["statistics"]["engine"] == "fast"
+    assert result.record["config"]["engine"] == "ray"

@@ -99,7 +99,12 @@ class _StopForward(Exception):
 
 def architecture_of(model: Any) -> Architecture:
     """The :class:`Architecture` of a Hugging Face causal LM, or a clear error."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return architecture_for(getattr(getattr(model, "config", None), "model_type", None))
+
+
+def architecture_for(model_type: str | None) -> Architecture:
+    """The :class:`Architecture` of a ``config.model_type``, or a clear error (checked before
+    a model's weights are loaded or downloaded)."""
     if model_type not in ARCHITECTURES:
         raise NeuronprobeError(
             f"model type {model_type!r} has no neuron-site mapping yet; supported: "
@@ -183,6 +188,7 @@ def extract_activations(
     start: int = 0,
     on_batch: Callable[[int], None] | None = None,
     progress: bool = True,
+    context_offset: int = 0,
 ) -> np.ndarray:
     """Neuron activations at one token of each context (the last, by default).
 
@@ -209,6 +215,9 @@ def extract_activations(
         First context to compute; rows before it in ``out`` are taken as already done (resume).
     on_batch:
         Called with the number of contexts done after each batch is written into ``out``.
+    context_offset:
+        Index of ``tokens[0]`` among all contexts, for error messages only (the Ray engine
+        extracts one batch at a time).
 
     Returns
     -------
@@ -279,7 +288,7 @@ def extract_activations(
                     out = np.empty((len(chosen), n_contexts, width), dtype=np.float32)
                 for row, layer in enumerate(chosen):
                     values = current[layer].to(torch.float32).cpu().numpy()  # [batch, width]
-                    _check_finite(values, layer, first)
+                    _check_finite(values, layer, context_offset + first)
                     out[row, first : first + len(chunk)] = values
                 bar.update(len(chunk))
                 if on_batch is not None:
@@ -348,48 +357,16 @@ def extract_to_file(
     np.ndarray
         Read-only memory map, float32 [layers, contexts, neurons].
     """
-    import hashlib
-
-    from neuronprobe.rundir import read_json, write_json
-
     tokens = np.ascontiguousarray(np.asarray(tokens, dtype=np.int64))
     chosen = resolve_layers(layers, len(hook_points(model, site)))
     shape = (len(chosen), tokens.shape[0], site_width(model, site))
-    key = {
-        "model": {k: v for k, v in identity.items() if k not in ("device", "cache")},
-        "site": site,
-        "position": position,
-        "layers": chosen,
-        "tokens_sha256": hashlib.sha256(tokens.tobytes()).hexdigest(),
-        "shape": list(shape),
-    }
-    path = Path(path)
-    partial = path.with_name(path.name + ".partial")
-    progress_file = path.with_name(path.name + ".progress.json")
-    described = path.with_suffix(".json")
-
-    def stored_key(file: Path) -> Any:
-        try:
-            return read_json(file).get("key")
-        except (OSError, ValueError):
-            return None
-
-    if path.is_file() and stored_key(described) == key:
-        logger.info("reusing the activations in %s", path)
-        return np.load(path, mmap_mode="r")
-    done = 0
-    if partial.is_file() and stored_key(progress_file) == key:
-        done = int(read_json(progress_file)["done"])
-        out = np.load(partial, mmap_mode="r+")
-        logger.info("resuming the activations at context %d of %d", done, shape[1])
-    else:
-        out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=shape)
-        write_json(progress_file, {"key": key, "done": 0})
-
-    def checkpoint(done: int) -> None:
-        out.flush()  # the rows first, then the count that says they are there
-        write_json(progress_file, {"key": key, "done": done})
-
+    store = ActivationFile.for_path(
+        path, activation_key(identity, tokens, chosen, site, position, shape)
+    )
+    finished = store.finished()
+    if finished is not None:
+        return finished
+    out, done = store.open(shape)
     extract_activations(
         model,
         tokens,
@@ -399,11 +376,110 @@ def extract_to_file(
         batch_size=batch_size,
         out=out,
         start=done,
-        on_batch=checkpoint,
+        on_batch=lambda done: store.checkpoint(out, done),
         progress=progress,
     )
-    out.flush()
-    os.replace(partial, path)
-    write_json(described, {"key": key, "axes": ["layer", "context", "neuron"]})
-    progress_file.unlink(missing_ok=True)
-    return np.load(path, mmap_mode="r")
+    return store.finish(out)
+
+
+def activation_key(
+    identity: dict[str, Any],
+    tokens: np.ndarray,
+    layers: Sequence[int],
+    site: str,
+    position: int,
+    shape: tuple[int, int, int],
+) -> dict[str, Any]:
+    """What decides whether stored activations can be reused: the model's identity (without
+    its device and cache folder), the contexts' tokens (int64 [contexts, pos], hashed), the
+    site, position, resolved layers and the array's shape ``[layers, contexts, neurons]``."""
+    import hashlib
+
+    tokens = np.ascontiguousarray(np.asarray(tokens, dtype=np.int64))
+    return {
+        "model": {k: v for k, v in identity.items() if k not in ("device", "cache")},
+        "site": site,
+        "position": position,
+        "layers": list(layers),
+        "tokens_sha256": hashlib.sha256(tokens.tobytes()).hexdigest(),
+        "shape": list(shape),
+    }
+
+
+@dataclass(frozen=True)
+class ActivationFile:
+    """The files of one resumable extraction into ``path`` (see :func:`extract_to_file`).
+
+    ``<path>.partial`` is the memory-mapped ``.npy`` being filled, ``<path>.progress.json``
+    holds ``{"key": ..., "done": n}`` (the first ``n`` contexts are in the partial file), and
+    ``<path stem>.json`` describes the finished array. Every engine (the single-process one
+    and :mod:`neuronprobe.distributed`'s Ray engine) uses these files, so an extraction
+    interrupted under one engine resumes under the other.
+    """
+
+    path: Path
+    key: dict[str, Any]
+
+    @classmethod
+    def for_path(cls, path: Path | str, key: dict[str, Any]) -> ActivationFile:
+        return cls(Path(path), key)
+
+    @property
+    def partial(self) -> Path:
+        return self.path.with_name(self.path.name + ".partial")
+
+    @property
+    def progress_file(self) -> Path:
+        return self.path.with_name(self.path.name + ".progress.json")
+
+    @property
+    def described(self) -> Path:
+        return self.path.with_suffix(".json")
+
+    def _stored_key(self, file: Path) -> Any:
+        from neuronprobe.rundir import read_json
+
+        try:
+            return read_json(file).get("key")
+        except (OSError, ValueError):
+            return None
+
+    def finished(self) -> np.ndarray | None:
+        """The finished array (read-only memory map) if its key matches, else None."""
+        if self.path.is_file() and self._stored_key(self.described) == self.key:
+            logger.info("reusing the activations in %s", self.path)
+            return np.load(self.path, mmap_mode="r")
+        return None
+
+    def open(self, shape: tuple[int, int, int]) -> tuple[np.ndarray, int]:
+        """The partial array (float32 ``shape``, memory-mapped for writing) and how many
+        contexts it already holds: resumed when its key matches, else started afresh."""
+        from neuronprobe.rundir import read_json, write_json
+
+        if self.partial.is_file() and self._stored_key(self.progress_file) == self.key:
+            done = int(read_json(self.progress_file)["done"])
+            out = np.load(self.partial, mmap_mode="r+")
+            logger.info("resuming the activations at context %d of %d", done, shape[1])
+            return out, done
+        out = np.lib.format.open_memmap(self.partial, mode="w+", dtype=np.float32, shape=shape)
+        write_json(self.progress_file, {"key": self.key, "done": 0})
+        return out, 0
+
+    def checkpoint(self, out: np.ndarray, done: int) -> None:
+        """Record that the first ``done`` contexts are in ``out`` (flushed first)."""
+        from neuronprobe.rundir import write_json
+
+        if isinstance(out, np.memmap):
+            out.flush()  # the rows first, then the count that says they are there
+        write_json(self.progress_file, {"key": self.key, "done": done})
+
+    def finish(self, out: np.ndarray) -> np.ndarray:
+        """Rename the complete partial array to ``path``, describe it; a read-only memory map."""
+        from neuronprobe.rundir import write_json
+
+        if isinstance(out, np.memmap):
+            out.flush()
+        os.replace(self.partial, self.path)
+        write_json(self.described, {"key": self.key, "axes": ["layer", "context", "neuron"]})
+        self.progress_file.unlink(missing_ok=True)
+        return np.load(self.path, mmap_mode="r")

@@ -17,7 +17,15 @@ from typing import Any, NoReturn
 
 from neuronprobe import __version__
 from neuronprobe.activations import SITES
-from neuronprobe.config import CORRECTIONS, ENGINES, STATISTICS_SETTINGS, TESTS, RunConfig
+from neuronprobe.config import (
+    CORRECTIONS,
+    ENGINES,
+    FIT_ENGINES,
+    RESUMABLE_CHANGES,
+    STATISTICS_SETTINGS,
+    TESTS,
+    RunConfig,
+)
 from neuronprobe.contexts import Contrast
 from neuronprobe.errors import NeuronprobeError
 from neuronprobe.models import DTYPES
@@ -185,6 +193,39 @@ def _add_activation_options(parser: argparse.ArgumentParser, defaults: RunConfig
     )
 
 
+def _add_ray_options(parser: argparse.ArgumentParser, with_engine: bool) -> None:
+    """Options of the Ray engine (contexts and activations on a cluster)."""
+    group = parser.add_argument_group("ray", "with --engine ray (pip install 'neuronprobe[ray]')")
+    if with_engine:
+        group.add_argument(
+            "--engine",
+            choices=ENGINES,
+            default=RunConfig().engine,
+            help="ray: scan the corpus and record the activations on a Ray cluster",
+        )
+    group.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDRESS",
+        help="the cluster to join: HOST:6379 (`ray start --head`), ray://HOST:10001 or auto "
+        "(default: start a local Ray instance)",
+    )
+    group.add_argument(
+        "--ray-workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="scan tasks and activation actors (default: one per CPU, or per GPU)",
+    )
+    group.add_argument(
+        "--ray-gpus-per-worker",
+        type=float,
+        default=None,
+        metavar="G",
+        help="GPUs per activation actor (default: 1 where the cluster has GPUs, else 0)",
+    )
+
+
 def _add_statistics_options(parser: argparse.ArgumentParser, defaults: RunConfig | None) -> None:
     """Options of the statistics stage; ``defaults=None`` leaves them unset (``probe``)."""
 
@@ -245,10 +286,11 @@ def _add_statistics_options(parser: argparse.ArgumentParser, defaults: RunConfig
     )
     group.add_argument(
         "--engine",
-        choices=ENGINES,
+        choices=ENGINES if defaults is not None else FIT_ENGINES,
         default=default("engine"),
         help="fast (compiled CPU kernel, torch on a GPU), torch, or statsmodels (the "
-        "notebook's own call per neuron, slow)" + shown,
+        "notebook's own call per neuron, slow); ray: the corpus scan and the activations on a "
+        "Ray cluster (see --ray-address), the statistics on fast" + shown,
     )
     group.add_argument(
         "--layer",
@@ -285,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_context_options(run)
     _add_activation_options(run, defaults)
     _add_statistics_options(run, defaults)
+    _add_ray_options(run, with_engine=False)
     activations = commands.add_parser(
         "activations",
         help="collect the contexts and record the activations (activations.npy); `run` or "
@@ -295,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     _COMMANDS["activations"] = activations
     _add_context_options(activations)
     _add_activation_options(activations, defaults)
+    _add_ray_options(activations, with_engine=True)
     sites = commands.add_parser(
         "sites",
         help="list a model's neuron sites, layers and widths",
@@ -310,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _COMMANDS["contexts"] = contexts
     _add_context_options(contexts)
+    _add_ray_options(contexts, with_engine=True)
     probe = commands.add_parser(
         "probe",
         help="refit the statistics of a run from its stored activations (new alpha, "
@@ -462,6 +507,9 @@ _CONFIG_OPTIONS = (
     "batch_size",
     "site",
     "position",
+    "ray_address",
+    "ray_workers",
+    "ray_gpus_per_worker",
 )
 _CONTRAST_OPTIONS = {"contrast", "target", "positive", "exclude", "context_length"}
 
@@ -481,11 +529,12 @@ def config_from_args(args: argparse.Namespace, argv: Sequence[str]) -> RunConfig
 
 
 #: Options that may come with --resume: they say how the run goes on, not what it computes.
-_RESUME_OPTIONS = {"out", "resume", "quiet", "device", "batch_size"}
+_RESUME_OPTIONS = {"out", "resume", "quiet", *RESUMABLE_CHANGES}
 
 
 def _resumed_config(args: argparse.Namespace, argv: Sequence[str]) -> RunConfig:
-    """``--resume``: the settings in ``--out``'s run.json, with --device/--batch-size applied."""
+    """``--resume``: the settings in ``--out``'s run.json, with those of
+    :data:`~neuronprobe.config.RESUMABLE_CHANGES` given on the command line applied."""
     if args.out is None:
         raise NeuronprobeError("--resume needs --out RUN_DIR: the run to finish.")
     given = _given(args.command, argv)
@@ -505,7 +554,7 @@ def _resumed_config(args: argparse.Namespace, argv: Sequence[str]) -> RunConfig:
             "`neuronprobe run`."
         )
     changes: dict[str, Any] = {
-        name: getattr(args, name) for name in ("device", "batch_size") if name in given
+        name: getattr(args, name) for name in RESUMABLE_CHANGES if name in given
     }
     return RunConfig.from_dict({**recorded, **changes})
 

@@ -19,7 +19,10 @@ from neuronprobe.errors import NeuronprobeError, check_known_keys
 from neuronprobe.models import DTYPES
 
 #: Engines of ``statistics.fit_neuron_logits``.
-ENGINES = ("fast", "torch", "statsmodels")
+FIT_ENGINES = ("fast", "torch", "statsmodels")
+#: ``--engine``: a fit engine, or ``ray``: the contexts and activations on a Ray cluster
+#: (:mod:`neuronprobe.distributed`), the statistics locally on ``fast``.
+ENGINES = (*FIT_ENGINES, "ray")
 #: Multiple-comparison corrections of ``statistics.adjust_pvalues``.
 CORRECTIONS = ("bonferroni-layer", "bonferroni", "fdr-bh")
 #: Which p-value decides significance: the notebook's Wald test or the likelihood ratio.
@@ -38,6 +41,16 @@ STATISTICS_SETTINGS = (
     "engine",
     "statistics_seed",
     "figure_layer",
+)
+
+#: The settings that say how a run goes, not what it computes: ``--resume`` may change them.
+RESUMABLE_CHANGES = (
+    "device",
+    "batch_size",
+    "engine",
+    "ray_address",
+    "ray_workers",
+    "ray_gpus_per_worker",
 )
 
 
@@ -97,7 +110,18 @@ class RunConfig:
         Refit every neuron on permuted training labels and report how many pass by chance.
     engine:
         ``fast`` (compiled CPU kernel, or torch on a GPU), ``torch``, or ``statsmodels`` (the
-        notebook's own call per neuron, in parallel processes; slow).
+        notebook's own call per neuron, in parallel processes; slow): how the statistics are
+        fitted, everything else in this process. ``ray``: the corpus scan and the activations
+        on a Ray cluster (the same contexts and activations), the statistics on ``fast``.
+    ray_address:
+        With ``engine="ray"``: the cluster to join (``HOST:6379``, ``ray://HOST:10001`` or
+        ``auto``); None starts a local Ray instance on this machine.
+    ray_workers:
+        With ``engine="ray"``: scan tasks in flight and activation actors (default: one per
+        CPU of the cluster, or one per GPU where it has GPUs).
+    ray_gpus_per_worker:
+        With ``engine="ray"``: GPUs each activation actor holds (default: 1 where the cluster
+        has GPUs, else 0).
     seed:
         Seeds every random choice: class balancing, the train/test split, the folds and the
         shuffled labels.
@@ -134,6 +158,9 @@ class RunConfig:
     cv: int = 0
     shuffled_control: bool = True
     engine: str = "fast"
+    ray_address: str | None = None
+    ray_workers: int | None = None
+    ray_gpus_per_worker: float | None = None
     seed: int = 0
     statistics_seed: int | None = None
     figure_layer: int = 3
@@ -172,6 +199,12 @@ class RunConfig:
                 )
         if self.cv == 1 or self.cv < 0:
             raise NeuronprobeError(f"--cv must be 0 (none) or at least 2 folds (got {self.cv}).")
+        if self.ray_workers is not None and self.ray_workers < 1:
+            raise NeuronprobeError(f"--ray-workers must be >= 1 (got {self.ray_workers}).")
+        if self.ray_gpus_per_worker is not None and not self.ray_gpus_per_worker >= 0:
+            raise NeuronprobeError(
+                f"--ray-gpus-per-worker must be >= 0 (got {self.ray_gpus_per_worker})."
+            )
         if self.batch_size < 1:
             raise NeuronprobeError(f"--batch-size must be >= 1 (got {self.batch_size}).")
         length = self.contrast.context_length + 1
@@ -239,8 +272,9 @@ def _check_type(name: str, value: Any) -> None:
             kind = str(item.type)
             if kind in hints:
                 _FIELD_TYPES[item.name] = hints[kind]
-            elif kind == "int | None":
-                _FIELD_TYPES[item.name] = (int, type(None))
+            elif kind in ("int | None", "str | None", "float | None"):
+                base = hints[kind.split(" |")[0]]
+                _FIELD_TYPES[item.name] = (*base, type(None))
             elif kind == "list[int] | None":
                 _FIELD_TYPES[item.name] = (list, type(None))
     allowed = _FIELD_TYPES.get(name)

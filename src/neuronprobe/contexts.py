@@ -19,10 +19,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -218,7 +218,9 @@ class _Found:
     duplicates: int = 0
     _seen: set[tuple[int, ...]] = field(default_factory=set, repr=False)
 
-    def add(self, tokens: list[int], document: Document, offset: int, next_token: int) -> bool:
+    def add(
+        self, tokens: list[int], document_id: str, source: str, offset: int, next_token: int
+    ) -> bool:
         """Keep a context unless it repeats one already kept; say whether it was kept."""
         if self.drop_duplicates:
             key = tuple(tokens)
@@ -227,8 +229,8 @@ class _Found:
                 return False
             self._seen.add(key)
         self.tokens.append(tokens)
-        self.document_ids.append(document.id)
-        self.sources.append(document.source)
+        self.document_ids.append(document_id)
+        self.sources.append(source)
         self.offsets.append(offset)
         self.next_tokens.append(next_token)
         return True
@@ -243,12 +245,162 @@ class Scan:
 
     ``spellings`` counts the kept positive contexts by the follower's text as written in the
     document (``'t`` or ``’t`` ...): with apostrophe normalisation, each spelling's share.
+
+    A scan is built document by document, in corpus order, with :meth:`add_document`; the
+    stopping rule is :meth:`satisfied`. The single-process scan and the Ray engine
+    (:mod:`neuronprobe.distributed`, which finds the candidates of many documents in parallel
+    and merges them here in corpus order) share these two steps, so they give the same scan.
     """
 
     positive: _Found
     negative: _Found
     documents_scanned: int
     spellings: Counter[str] = field(default_factory=Counter)
+
+    @classmethod
+    def empty(cls, drop_duplicates: bool = True) -> Scan:
+        """A scan of no documents yet."""
+        return cls(_Found(drop_duplicates), _Found(drop_duplicates), 0)
+
+    def satisfied(self, min_per_class: int) -> bool:
+        """Whether both classes have ``min_per_class`` contexts: the scan stops before the next
+        document (checked before each document, as the notebook's loop does)."""
+        return len(self.positive) >= min_per_class and len(self.negative) >= min_per_class
+
+    def add_document(
+        self, document_id: str, source: str, candidates: Sequence[Candidate] = ()
+    ) -> None:
+        """Count one more scanned document and keep its candidates (duplicates dropped)."""
+        self.documents_scanned += 1
+        for candidate in candidates:
+            found = self.positive if candidate.positive else self.negative
+            kept = found.add(
+                list(candidate.tokens),
+                document_id,
+                source,
+                candidate.offset,
+                candidate.next_token,
+            )
+            if kept and candidate.positive:
+                self.spellings[candidate.spelling] += 1
+
+
+class Candidate(NamedTuple):
+    """One context of one class found in a document, before duplicates are dropped.
+
+    Attributes
+    ----------
+    positive:
+        True for the positive class ("can't").
+    tokens:
+        ``context_length + 1`` token ids; the last is the target.
+    offset:
+        Character offset of the target's text in the document (-1 if unknown).
+    next_token:
+        The token after the target.
+    spelling:
+        For positive contexts, the follower as the document writes it (``'t``, ``’t``); else "".
+    """
+
+    positive: bool
+    tokens: tuple[int, ...]
+    offset: int
+    next_token: int
+    spelling: str
+
+
+class ContextFinder:
+    """The per-document half of the scan: the candidates of each document, found in batches.
+
+    Independent of every other document, so documents can be handled anywhere (another
+    process, another machine) and merged in corpus order with :meth:`Scan.add_document`.
+    Picklable (it holds the tokenizer, a contrast and small caches).
+
+    Parameters
+    ----------
+    tokenizer:
+        A Hugging Face tokenizer (see :func:`collect_contexts`).
+    contrast:
+        What to find; the notebook's "can" / "can't" by default.
+    normalize_apostrophes:
+        See :func:`scan_contexts`.
+    """
+
+    def __init__(
+        self, tokenizer: Any, contrast: Contrast | None = None, normalize_apostrophes: bool = False
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.contrast = contrast or Contrast()
+        self.normalize_apostrophes = normalize_apostrophes
+        self.ids = resolve_contrast(self.contrast, tokenizer)
+        self.after = max(len(sequence) for sequence in self.ids.positive_sequences)
+        self.follower_texts = {
+            seq: tokenizer.decode(list(seq)) for seq in self.ids.positive_sequences
+        }
+        self._space_initial: dict[int, bool] = {}
+
+    def _text_of(self, document: Document) -> str:
+        if self.normalize_apostrophes:
+            return document.text.translate(_TO_ASCII_APOSTROPHE)
+        return document.text
+
+    def find(self, documents: Sequence[Document]) -> list[list[Candidate]]:
+        """The candidates of each document, in document order (one list per document)."""
+        from neuronprobe.scanner import target_hits
+
+        if not documents:
+            return []
+        contrast, ids = self.contrast, self.ids
+        # Exactly the whole-document tokens' hits, from windows where that is provably the same
+        # (see neuronprobe.scanner). Token indices are not needed (the character offset locates
+        # a context), which saves most of the work.
+        all_hits = target_hits(
+            [self._text_of(document) for document in documents],
+            self.tokenizer,
+            ids.target_id,
+            contrast.target,
+            contrast.context_length,
+            self.after,
+            with_index=False,
+        )
+        found: list[list[Candidate]] = []
+        for document, hits in zip(documents, all_hits, strict=True):
+            candidates: list[Candidate] = []
+            for hit in hits:
+                following = hit.following
+                next_token = following[0]
+                matched = next(
+                    (seq for seq in ids.positive_sequences if tuple(following[: len(seq)]) == seq),
+                    None,
+                )
+                if matched is not None:
+                    spelling = _spelling(
+                        document.text, hit.offset, contrast, self.follower_texts[matched]
+                    )
+                    candidates.append(
+                        Candidate(True, tuple(hit.context), hit.offset, next_token, spelling)
+                    )
+                elif next_token not in ids.excluded_ids and _space_initial(
+                    self.tokenizer, next_token, self._space_initial
+                ):
+                    candidates.append(
+                        Candidate(False, tuple(hit.context), hit.offset, next_token, "")
+                    )
+            found.append(candidates)
+        return found
+
+    def iterate(
+        self, documents: Iterable[Document], batch_documents: int = 256
+    ) -> Iterator[tuple[Document, list[Candidate]]]:
+        """``(document, its candidates)`` for each document in order, found in batches."""
+        batch: list[Document] = []
+        for document in documents:
+            batch.append(document)
+            if len(batch) >= batch_documents:
+                yield from zip(batch, self.find(batch), strict=True)
+                batch = []
+        if batch:
+            yield from zip(batch, self.find(batch), strict=True)
 
 
 def scan_contexts(
@@ -279,65 +431,17 @@ def scan_contexts(
     """
     from tqdm.auto import tqdm
 
-    from neuronprobe.scanner import Hit, target_hits
-
     contrast = contrast or Contrast()
-    ids = resolve_contrast(contrast, tokenizer)
-    width = contrast.context_length
-    after = max(len(sequence) for sequence in ids.positive_sequences)
-    follower_texts = {seq: tokenizer.decode(list(seq)) for seq in ids.positive_sequences}
-    space_initial: dict[int, bool] = {}
-
-    def text_of(document: Document) -> str:
-        if normalize_apostrophes:
-            return document.text.translate(_TO_ASCII_APOSTROPHE)
-        return document.text
-
-    def documents_with_hits() -> Iterator[tuple[Document, list[Hit]]]:
-        # Exactly the whole-document tokens' hits, from windows where that is provably the same
-        # (see neuronprobe.scanner); documents are handled in batches. Token indices are not
-        # needed (the character offset locates a context), which saves most of the work.
-        batch: list[Document] = []
-
-        def hits_of(batch: list[Document]) -> list[list[Hit]]:
-            texts = [text_of(doc) for doc in batch]
-            return target_hits(
-                texts, tokenizer, ids.target_id, contrast.target, width, after, with_index=False
-            )
-
-        for document in documents:
-            batch.append(document)
-            if len(batch) >= batch_documents:
-                yield from zip(batch, hits_of(batch), strict=True)
-                batch = []
-        if batch:
-            yield from zip(batch, hits_of(batch), strict=True)
-
-    scan = Scan(_Found(drop_duplicates), _Found(drop_duplicates), 0)
+    finder = ContextFinder(tokenizer, contrast, normalize_apostrophes)
+    scan = Scan.empty(drop_duplicates)
     bar = tqdm(desc="scanning documents", unit=" docs", disable=not progress, mininterval=0.5)
     try:
-        for document, hits in documents_with_hits():
-            if len(scan.positive) >= min_per_class and len(scan.negative) >= min_per_class:
+        for document, candidates in finder.iterate(documents, batch_documents):
+            if scan.satisfied(min_per_class):
                 break
-            scan.documents_scanned += 1
+            scan.add_document(document.id, document.source, candidates)
             bar.update(1)
-            for hit in hits:
-                following = hit.following
-                next_token = following[0]
-                matched = next(
-                    (seq for seq in ids.positive_sequences if tuple(following[: len(seq)]) == seq),
-                    None,
-                )
-                if matched is not None:
-                    if scan.positive.add(hit.context, document, hit.offset, next_token):
-                        scan.spellings[
-                            _spelling(document.text, hit.offset, contrast, follower_texts[matched])
-                        ] += 1
-                elif next_token not in ids.excluded_ids and _space_initial(
-                    tokenizer, next_token, space_initial
-                ):
-                    scan.negative.add(hit.context, document, hit.offset, next_token)
-            if hits:
+            if candidates:
                 bar.set_postfix(
                     {
                         contrast.positive_name: len(scan.positive),
@@ -446,7 +550,20 @@ def collect_contexts(
         normalize_apostrophes=normalize_apostrophes,
         progress=progress,
     )
-    if len(scan.positive) < min_per_class or len(scan.negative) < min_per_class:
+    return finish_scan(scan, contrast, min_per_class=min_per_class, seed=seed)
+
+
+def finish_scan(scan: Scan, contrast: Contrast, *, min_per_class: int, seed: int) -> Contexts:
+    """Check that the scan reached ``min_per_class`` and balance it with ``seed``.
+
+    The last step of :func:`collect_contexts`, shared with the Ray engine.
+
+    Raises
+    ------
+    NeuronprobeError
+        If the corpus ended before both classes reached ``min_per_class``.
+    """
+    if not scan.satisfied(min_per_class):
         raise NeuronprobeError(
             f"the corpus ended after {scan.documents_scanned} documents with {len(scan.positive)} "
             f"{contrast.positive_name!r} and {len(scan.negative)} {contrast.negative_name!r} "

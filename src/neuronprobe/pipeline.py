@@ -7,6 +7,7 @@ calls them in order, writes their results into the run directory (see
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.metadata
 import json
@@ -28,7 +29,7 @@ import pandas as pd
 
 from neuronprobe import rundir
 from neuronprobe.activations import extract_to_file, hook_points, resolve_layers
-from neuronprobe.config import STATISTICS_SETTINGS, RunConfig
+from neuronprobe.config import FIT_ENGINES, RESUMABLE_CHANGES, STATISTICS_SETTINGS, RunConfig
 from neuronprobe.contexts import collect_contexts, load_contexts, resolve_contrast, save_contexts
 from neuronprobe.errors import NeuronprobeError
 from neuronprobe.figures import (
@@ -166,6 +167,8 @@ def open_run_directory(
         ) from None
     if not finished_stages(out, earlier):
         return None  # it stopped before finishing anything (bad input, an early Ctrl-C)
+    if resume:
+        return earlier  # its own settings (see _resumed_config)
     refusal = _different(earlier, config, out)
     if refusal:
         raise NeuronprobeError(
@@ -192,8 +195,8 @@ def _different(earlier: dict[str, Any], config: RunConfig, directory: Path) -> s
 
     Settings may differ only for the stages the earlier run did not finish (and those after).
     """
-    settings = earlier["config"]
-    wanted = json.loads(json.dumps(config.to_dict()))  # as run.json holds it: lists, not tuples
+    settings = _comparable(earlier["config"])
+    wanted = _comparable(config.to_dict())
     finished = finished_stages(directory, earlier)
     for stage, names in STAGE_SETTINGS.items():
         if stage != "contexts" and stage not in finished:
@@ -202,6 +205,14 @@ def _different(earlier: dict[str, Any], config: RunConfig, directory: Path) -> s
         if changed:
             return f"other {', '.join(changed)}"
     return None
+
+
+def _comparable(settings: dict[str, Any]) -> dict[str, Any]:
+    """Settings as run.json holds them (lists, not tuples), with equivalent engines equal."""
+    settings = json.loads(json.dumps(settings))
+    if settings.get("engine") == "ray":
+        settings["engine"] = "fast"  # the Ray engine fits the statistics with the fast one
+    return settings
 
 
 def _set_aside(directory: Path) -> None:
@@ -282,14 +293,38 @@ def run(
             corpus = open_corpus(config.corpus, text_column=config.text_column)
         logger.info("run directory: %s", directory)
         record = _start_record(config, earlier, finished)
-        # The model before anything is written: a bad --model, site, layer or target is
-        # refused without a trace, and its tokenizer defines the contexts.
-        loaded, layers = _model_stage(config, record, finished, stop_after)
-        rundir.write_json(directory / rundir.RUN_JSON, record)
-        with _marked_if_stopped(record, directory):
-            return _run_stages(
-                config, corpus, loaded, layers, directory, record, finished, progress, stop_after
-            )
+        with _engine(config, finished, stop_after):
+            # The model before anything is written: a bad --model, site, layer or target is
+            # refused without a trace, and its tokenizer defines the contexts.
+            loaded, layers = _model_stage(config, record, finished, stop_after)
+            rundir.write_json(directory / rundir.RUN_JSON, record)
+            with _marked_if_stopped(record, directory):
+                return _run_stages(
+                    config,
+                    corpus,
+                    loaded,
+                    layers,
+                    directory,
+                    record,
+                    finished,
+                    progress,
+                    stop_after,
+                )
+
+
+def _engine(
+    config: RunConfig, finished: set[str], stop_after: str | None
+) -> contextlib.AbstractContextManager[Any]:
+    """With ``--engine ray`` and a heavy stage to run, a Ray session (joined or started) for
+    the block: an unreachable ``--ray-address`` fails here, before the model loads."""
+    heavy = "contexts" not in finished or (
+        "activations" not in finished and stop_after != "contexts"
+    )
+    if config.engine != "ray" or not heavy:
+        return contextlib.nullcontext()
+    from neuronprobe.distributed import ray_session
+
+    return ray_session(config.ray_address)
 
 
 @contextmanager
@@ -312,7 +347,8 @@ def _marked_if_stopped(record: dict[str, Any], directory: Path) -> Iterator[None
 
 
 def _resumed_config(directory: Path, config: RunConfig | None) -> RunConfig:
-    """The settings recorded in ``directory/run.json``; ``config`` may differ only in device."""
+    """The settings recorded in ``directory/run.json``; ``config`` may differ only in
+    :data:`~neuronprobe.config.RESUMABLE_CHANGES`."""
     record = read_record(directory)
     try:
         recorded = RunConfig.from_dict(record["config"])
@@ -327,7 +363,7 @@ def _resumed_config(directory: Path, config: RunConfig | None) -> RunConfig:
     changed = [
         name
         for name, value in record["config"].items()
-        if name not in ("device", "batch_size") and given.get(name) != value
+        if name not in RESUMABLE_CHANGES and given.get(name) != value
     ]
     if changed:
         raise NeuronprobeError(
@@ -335,7 +371,9 @@ def _resumed_config(directory: Path, config: RunConfig | None) -> RunConfig:
             "differ; drop them, use `neuronprobe probe` for other statistics settings, or "
             "start a new --out."
         )
-    return dataclasses.replace(recorded, device=config.device, batch_size=config.batch_size)
+    return dataclasses.replace(
+        recorded, **{name: getattr(config, name) for name in RESUMABLE_CHANGES}
+    )
 
 
 def _start_record(
@@ -438,16 +476,31 @@ def _run_stages(
     else:
         assert loaded is not None and corpus is not None
         with _stage(record, directory, "contexts"):
-            contexts = collect_contexts(
-                corpus.documents(),
-                loaded.tokenizer,
-                config.contrast,
-                min_per_class=config.min_per_class,
-                seed=config.seed,
-                drop_duplicates=config.drop_duplicates,
-                normalize_apostrophes=config.normalize_apostrophes,
-                progress=progress,
-            )
+            if config.engine == "ray":
+                from neuronprobe.distributed import collect_contexts_ray
+
+                contexts = collect_contexts_ray(
+                    corpus,
+                    loaded.tokenizer,
+                    config.contrast,
+                    min_per_class=config.min_per_class,
+                    seed=config.seed,
+                    drop_duplicates=config.drop_duplicates,
+                    normalize_apostrophes=config.normalize_apostrophes,
+                    workers=config.ray_workers,
+                    progress=progress,
+                )
+            else:
+                contexts = collect_contexts(
+                    corpus.documents(),
+                    loaded.tokenizer,
+                    config.contrast,
+                    min_per_class=config.min_per_class,
+                    seed=config.seed,
+                    drop_duplicates=config.drop_duplicates,
+                    normalize_apostrophes=config.normalize_apostrophes,
+                    progress=progress,
+                )
             save_contexts(contexts, directory / rundir.CONTEXTS, loaded.tokenizer, config.contrast)
             record["corpus"] = corpus.identity()
             record["counts"] = {**contexts.counts, "contexts": len(contexts)}
@@ -460,17 +513,37 @@ def _run_stages(
     else:
         assert loaded is not None
         with _stage(record, directory, "activations"):
-            activations = extract_to_file(
-                loaded.model,
-                contexts.tokens,
-                directory / rundir.ACTIVATIONS,
-                identity=loaded.identity,
-                layers=layers,
-                site=config.site,
-                position=config.position,
-                batch_size=config.batch_size,
-                progress=progress,
-            )
+            if config.engine == "ray":
+                from neuronprobe.distributed import extract_to_file_ray
+
+                activations = extract_to_file_ray(
+                    config.model,
+                    contexts.tokens,
+                    directory / rundir.ACTIVATIONS,
+                    identity=loaded.identity,
+                    model=loaded.model,
+                    layers=layers,
+                    site=config.site,
+                    position=config.position,
+                    batch_size=config.batch_size,
+                    device=config.device,
+                    dtype=config.dtype,
+                    num_actors=config.ray_workers,
+                    num_gpus_per_actor=config.ray_gpus_per_worker,
+                    progress=progress,
+                )
+            else:
+                activations = extract_to_file(
+                    loaded.model,
+                    contexts.tokens,
+                    directory / rundir.ACTIVATIONS,
+                    identity=loaded.identity,
+                    layers=layers,
+                    site=config.site,
+                    position=config.position,
+                    batch_size=config.batch_size,
+                    progress=progress,
+                )
             record["activations"] = {
                 "file": rundir.ACTIVATIONS,
                 "shape": list(activations.shape),
@@ -557,6 +630,7 @@ def _statistics_and_figures(
 
     timings: dict[str, float] = record["timings_s"]
     seed = config.seed if config.statistics_seed is None else config.statistics_seed
+    fit_engine = config.engine if config.engine in FIT_ENGINES else "fast"
     record["stages"].update(statistics="running", figures="running")
     record["stages"].pop("report", None)
     rundir.write_json(directory / rundir.RUN_JSON, record)
@@ -568,7 +642,7 @@ def _statistics_and_figures(
             test_size=config.test_size,
             seed=seed,
             groups=np.asarray(document_ids) if config.split_by_document else None,
-            engine=config.engine,
+            engine=fit_engine,
             cv=config.cv or None,
             shuffled_control=config.shuffled_control,
             progress=progress,
@@ -586,7 +660,7 @@ def _statistics_and_figures(
     record["statistics"] = {
         "model": "L1-penalised logistic regression per neuron (statsmodels' objective, exact "
         "optimum)",
-        "engine": config.engine,
+        "engine": fit_engine,
         "alpha": config.alpha,
         "train_contexts": int(fits.train_mask.sum()),
         "test_contexts": int((~fits.train_mask).sum()),

@@ -51,7 +51,8 @@ import pandas as pd
 import torch
 from scipy import stats
 
-from neuronprobe.config import CORRECTIONS, ENGINES, TESTS
+from neuronprobe.config import CORRECTIONS, TESTS
+from neuronprobe.config import FIT_ENGINES as ENGINES
 from neuronprobe.errors import NeuronprobeError
 
 __all__ = [

@@ -30,7 +30,13 @@ import pandas as pd
 from neuronprobe import rundir
 from neuronprobe.activations import extract_to_file, hook_points, resolve_layers
 from neuronprobe.config import FIT_ENGINES, RESUMABLE_CHANGES, STATISTICS_SETTINGS, RunConfig
-from neuronprobe.contexts import collect_contexts, load_contexts, resolve_contrast, save_contexts
+from neuronprobe.contexts import (
+    Contexts,
+    collect_contexts,
+    load_contexts,
+    resolve_contrast,
+    save_contexts,
+)
 from neuronprobe.errors import NeuronprobeError
 from neuronprobe.figures import (
     accuracy_figure,
@@ -299,7 +305,7 @@ def run(
             loaded, layers = _model_stage(config, record, finished, stop_after)
             rundir.write_json(directory / rundir.RUN_JSON, record)
             with _marked_if_stopped(record, directory):
-                return _run_stages(
+                contexts, activations = _contexts_and_activations(
                     config,
                     corpus,
                     loaded,
@@ -310,6 +316,13 @@ def run(
                     progress,
                     stop_after,
                 )
+        del loaded  # the statistics need neither the model nor Ray: free the model's memory
+        if stop_after is not None:
+            return _finish(directory, record)
+        with _marked_if_stopped(record, directory):
+            return _statistics_and_report(
+                config, contexts, activations, layers, directory, record, finished, progress
+            )
 
 
 def _engine(
@@ -452,7 +465,7 @@ def _model_stage(
     return loaded, layers
 
 
-def _run_stages(
+def _contexts_and_activations(
     config: RunConfig,
     corpus: Corpus | None,
     loaded: LoadedModel | None,
@@ -462,13 +475,16 @@ def _run_stages(
     finished: set[str],
     progress: bool,
     stop_after: str | None,
-) -> RunResult:
+) -> tuple[Contexts, np.ndarray | None]:
+    """The heavy stages, each done here or reused: the contexts, then (unless ``stop_after``
+    is ``"contexts"``) the activations, float32 [layers, contexts, neurons], memory-mapped."""
     if finished:
         logger.info(
             "continuing the run in %s: reusing its %s",
             directory,
             ", ".join(stage for stage in STAGE_FILES if stage in finished),
         )
+    on_ray = config.engine == "ray"
 
     if "contexts" in finished:
         logger.info("reusing the contexts in %s", directory / rundir.CONTEXTS)
@@ -476,87 +492,85 @@ def _run_stages(
     else:
         assert loaded is not None and corpus is not None
         with _stage(record, directory, "contexts"):
-            if config.engine == "ray":
+            choices: dict[str, Any] = {
+                "min_per_class": config.min_per_class,
+                "seed": config.seed,
+                "drop_duplicates": config.drop_duplicates,
+                "normalize_apostrophes": config.normalize_apostrophes,
+                "progress": progress,
+            }
+            if on_ray:
                 from neuronprobe.distributed import collect_contexts_ray
 
                 contexts = collect_contexts_ray(
                     corpus,
                     loaded.tokenizer,
                     config.contrast,
-                    min_per_class=config.min_per_class,
-                    seed=config.seed,
-                    drop_duplicates=config.drop_duplicates,
-                    normalize_apostrophes=config.normalize_apostrophes,
                     workers=config.ray_workers,
-                    progress=progress,
+                    **choices,
                 )
             else:
-                contexts = collect_contexts(
-                    corpus.documents(),
-                    loaded.tokenizer,
-                    config.contrast,
-                    min_per_class=config.min_per_class,
-                    seed=config.seed,
-                    drop_duplicates=config.drop_duplicates,
-                    normalize_apostrophes=config.normalize_apostrophes,
-                    progress=progress,
-                )
+                documents = corpus.documents()
+                contexts = collect_contexts(documents, loaded.tokenizer, config.contrast, **choices)
             save_contexts(contexts, directory / rundir.CONTEXTS, loaded.tokenizer, config.contrast)
             record["corpus"] = corpus.identity()
             record["counts"] = {**contexts.counts, "contexts": len(contexts)}
     if stop_after == "contexts":
-        return _finish(directory, record)
+        return contexts, None
 
     if "activations" in finished:
         logger.info("reusing the activations in %s", directory / rundir.ACTIVATIONS)
-        activations = np.load(directory / rundir.ACTIVATIONS, mmap_mode="r")
-    else:
-        assert loaded is not None
-        with _stage(record, directory, "activations"):
-            if config.engine == "ray":
-                from neuronprobe.distributed import extract_to_file_ray
+        return contexts, np.load(directory / rundir.ACTIVATIONS, mmap_mode="r")
+    assert loaded is not None
+    with _stage(record, directory, "activations"):
+        path = directory / rundir.ACTIVATIONS
+        where: dict[str, Any] = {
+            "identity": loaded.identity,
+            "layers": layers,
+            "site": config.site,
+            "position": config.position,
+            "batch_size": config.batch_size,
+            "progress": progress,
+        }
+        if on_ray:
+            from neuronprobe.distributed import extract_to_file_ray
 
-                activations = extract_to_file_ray(
-                    config.model,
-                    contexts.tokens,
-                    directory / rundir.ACTIVATIONS,
-                    identity=loaded.identity,
-                    model=loaded.model,
-                    layers=layers,
-                    site=config.site,
-                    position=config.position,
-                    batch_size=config.batch_size,
-                    device=config.device,
-                    dtype=config.dtype,
-                    num_actors=config.ray_workers,
-                    num_gpus_per_actor=config.ray_gpus_per_worker,
-                    progress=progress,
-                )
-            else:
-                activations = extract_to_file(
-                    loaded.model,
-                    contexts.tokens,
-                    directory / rundir.ACTIVATIONS,
-                    identity=loaded.identity,
-                    layers=layers,
-                    site=config.site,
-                    position=config.position,
-                    batch_size=config.batch_size,
-                    progress=progress,
-                )
-            record["activations"] = {
-                "file": rundir.ACTIVATIONS,
-                "shape": list(activations.shape),
-                "dtype": "float32",
-                "axes": ["layer", "context", "neuron"],
-                "layers": layers,
-                "site": config.site,
-                "position": config.position,
-            }
-    del loaded  # the statistics need no model: free its memory
-    if stop_after == "activations":
-        return _finish(directory, record)
+            activations = extract_to_file_ray(
+                config.model,
+                contexts.tokens,
+                path,
+                model=loaded.model,
+                device=config.device,
+                dtype=config.dtype,
+                num_actors=config.ray_workers,
+                num_gpus_per_actor=config.ray_gpus_per_worker,
+                **where,
+            )
+        else:
+            activations = extract_to_file(loaded.model, contexts.tokens, path, **where)
+        record["activations"] = {
+            "file": rundir.ACTIVATIONS,
+            "shape": list(activations.shape),
+            "dtype": "float32",
+            "axes": ["layer", "context", "neuron"],
+            "layers": layers,
+            "site": config.site,
+            "position": config.position,
+        }
+    return contexts, activations
 
+
+def _statistics_and_report(
+    config: RunConfig,
+    contexts: Contexts,
+    activations: np.ndarray | None,
+    layers: list[int],
+    directory: Path,
+    record: dict[str, Any],
+    finished: set[str],
+    progress: bool,
+) -> RunResult:
+    """The statistics, tables and figures (or the finished ones), then the report."""
     outputs: tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]
     if "statistics" in finished:
         logger.info("reusing the statistics in %s", directory / rundir.NEURONS)

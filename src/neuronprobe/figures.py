@@ -127,7 +127,8 @@ def neuron_figure(
             ylabel="$-log_{10}(p)$",
             title="D) TEST accuracy by p-values",
         )
-        ax1.legend(fontsize=8)
+        if threshold > 0:  # otherwise panel B has nothing labelled to explain
+            ax1.legend(fontsize=8)
         fig.tight_layout()
     return fig
 

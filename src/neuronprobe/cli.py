@@ -60,8 +60,8 @@ def _add_context_options(parser: argparse.ArgumentParser) -> None:
         "--resume",
         action="store_true",
         help="finish the run in --out with its recorded settings, reusing finished stages and "
-        "batches (after Ctrl-C, a kill or a crash); only --device, --batch-size and --quiet "
-        "may be given with it",
+        "batches (after Ctrl-C, a kill or a crash); only --device, --batch-size, --engine, "
+        "the --ray-* options and --quiet may be given with it",
     )
     parser.add_argument(
         "--config",
@@ -545,18 +545,12 @@ def _resumed_config(args: argparse.Namespace, argv: Sequence[str]) -> RunConfig:
             f"--resume finishes the run in {args.out} with its recorded settings; drop {names} "
             "(or start a new --out; `neuronprobe probe` refits with other statistics settings)."
         )
-    from neuronprobe.pipeline import read_record
+    from neuronprobe.pipeline import resumed_config
 
-    recorded = read_record(args.out).get("config")
-    if not isinstance(recorded, dict):
-        raise NeuronprobeError(
-            f"--resume: {args.out}/run.json records no config; it was not written by "
-            "`neuronprobe run`."
-        )
     changes: dict[str, Any] = {
         name: getattr(args, name) for name in RESUMABLE_CHANGES if name in given
     }
-    return RunConfig.from_dict({**recorded, **changes})
+    return dataclasses.replace(resumed_config(args.out), **changes)
 
 
 def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:

@@ -28,7 +28,12 @@ import numpy as np
 import pandas as pd
 
 from neuronprobe import rundir
-from neuronprobe.activations import extract_to_file, hook_points, resolve_layers
+from neuronprobe.activations import (
+    ActivationFile,
+    extract_to_file,
+    hook_points,
+    resolve_layers,
+)
 from neuronprobe.config import FIT_ENGINES, RESUMABLE_CHANGES, STATISTICS_SETTINGS, RunConfig
 from neuronprobe.contexts import (
     Contexts,
@@ -123,14 +128,15 @@ STAGE_FILES = {
     "statistics": (rundir.NEURONS, rundir.NEURONS_CSV, rundir.LAYERS),
     "report": (rundir.REPORT,),
 }
+_ACTIVATION_FILES = ActivationFile(Path(rundir.ACTIVATIONS), {})
 #: Everything a run writes into its directory (what ``--force`` sets aside).
 RUN_FILES = (
     rundir.RUN_JSON,
     rundir.CONTEXTS,
     rundir.ACTIVATIONS,
-    "activations.json",
-    rundir.ACTIVATIONS + ".partial",
-    rundir.ACTIVATIONS + ".progress.json",
+    _ACTIVATION_FILES.described.name,
+    _ACTIVATION_FILES.partial.name,
+    _ACTIVATION_FILES.progress_file.name,
     rundir.NEURONS,
     rundir.NEURONS_CSV,
     rundir.LAYERS,
@@ -174,7 +180,7 @@ def open_run_directory(
     if not finished_stages(out, earlier):
         return None  # it stopped before finishing anything (bad input, an early Ctrl-C)
     if resume:
-        return earlier  # its own settings (see _resumed_config)
+        return earlier  # its own settings (see resumed_config)
     refusal = _different(earlier, config, out)
     if refusal:
         raise NeuronprobeError(
@@ -226,11 +232,7 @@ def _set_aside(directory: Path) -> None:
     present = [name for name in RUN_FILES if (directory / name).exists()]
     if not present:
         return
-    target = directory / "history" / (datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-replaced")
-    suffix = 1
-    while target.exists():
-        suffix += 1
-        target = target.with_name(f"{target.name.split('~')[0]}~{suffix}")
+    target = _history_folder(directory, datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-replaced")
     target.mkdir(parents=True)
     for name in present:
         os.replace(directory / name, target / name)
@@ -287,7 +289,7 @@ def run(
     if resume:
         if out is None:
             raise NeuronprobeError("--resume needs --out RUN_DIR: the run to finish.")
-        config = _resumed_config(Path(out), config)
+        config = resumed_config(Path(out), config)
     config = config or RunConfig()
     directory = Path(out) if out is not None else default_out()
     with rundir.locked(directory):
@@ -330,10 +332,7 @@ def _engine(
 ) -> contextlib.AbstractContextManager[Any]:
     """With ``--engine ray`` and a heavy stage to run, a Ray session (joined or started) for
     the block: an unreachable ``--ray-address`` fails here, before the model loads."""
-    heavy = "contexts" not in finished or (
-        "activations" not in finished and stop_after != "contexts"
-    )
-    if config.engine != "ray" or not heavy:
+    if config.engine != "ray" or not _heavy_stage_left(finished, stop_after):
         return contextlib.nullcontext()
     from neuronprobe.distributed import ray_session
 
@@ -359,20 +358,19 @@ def _marked_if_stopped(record: dict[str, Any], directory: Path) -> Iterator[None
         raise
 
 
-def _resumed_config(directory: Path, config: RunConfig | None) -> RunConfig:
+def resumed_config(directory: Path, config: RunConfig | None = None) -> RunConfig:
     """The settings recorded in ``directory/run.json``; ``config`` may differ only in
     :data:`~neuronprobe.config.RESUMABLE_CHANGES`."""
     record = read_record(directory)
-    try:
-        recorded = RunConfig.from_dict(record["config"])
-    except KeyError:
+    if not isinstance(record.get("config"), dict):
         raise NeuronprobeError(
             f"--resume: {directory / rundir.RUN_JSON} records no config; it was not written "
             "by `neuronprobe run`."
-        ) from None
+        )
+    recorded = RunConfig.from_dict(record["config"])
     if config is None:
         return recorded
-    given = json.loads(json.dumps(config.to_dict()))
+    given = _comparable(config.to_dict())
     changed = [
         name
         for name, value in record["config"].items()
@@ -406,7 +404,6 @@ def _start_record(
             record["stages"]["figures"] = "complete"
     timings = dict(earlier.get("timings_s", {})) if earlier else {}
     record.update(config=config.to_dict(), seed=config.seed, versions=versions(), timings_s=timings)
-    record["status"] = "running"
     return record
 
 
@@ -429,6 +426,13 @@ def _stage(record: dict[str, Any], directory: Path, name: str) -> Iterator[None]
     rundir.write_json(directory / rundir.RUN_JSON, record)
 
 
+def _heavy_stage_left(finished: set[str], stop_after: str | None) -> bool:
+    """Whether the contexts or the activations are still to be made (they need the model)."""
+    if stop_after == "contexts":
+        return "contexts" not in finished
+    return "activations" not in finished
+
+
 def _model_stage(
     config: RunConfig, record: dict[str, Any], finished: set[str], stop_after: str | None
 ) -> tuple[LoadedModel | None, list[int]]:
@@ -437,11 +441,8 @@ def _model_stage(
     Returns the model (None when the contexts and activations are reused) and the layers to
     record; fills ``record``'s ``model`` and ``contrast``.
     """
-    need_model = "activations" not in finished and not (
-        stop_after == "contexts" and "contexts" in finished
-    )
     loaded = None
-    if need_model:
+    if _heavy_stage_left(finished, stop_after):
         with _timed(record["timings_s"], "model"):
             loaded = load_model(config.model, device=config.device, dtype=config.dtype)
             n_layers = len(hook_points(loaded.model, config.site))
@@ -789,16 +790,22 @@ def read_record(directory: Path) -> dict[str, Any]:
         ) from error
 
 
+def _history_folder(directory: Path, name: str) -> Path:
+    """``history/<name>`` in ``directory``, or ``history/<name>-2``, ``-3``... if that is taken."""
+    target = directory / "history" / name
+    suffix = 1
+    while target.exists():
+        suffix += 1
+        target = directory / "history" / f"{name}-{suffix}"
+    return target
+
+
 def _archive_statistics(directory: Path, record: dict[str, Any]) -> None:
     """Move the current tables, figures and run.json to ``history/<finished>/``."""
     if record.get("stages", {}).get("statistics") != "complete":
         return
     stamp = str(record.get("finished", "unknown")).replace(":", "").replace("+0000", "")
-    target = directory / "history" / stamp
-    suffix = 1
-    while target.exists():
-        suffix += 1
-        target = directory / "history" / f"{stamp}-{suffix}"
+    target = _history_folder(directory, stamp)
     # Copied into a temporary folder and renamed: history/ never holds a half-copied entry.
     with rundir.atomic_path(target) as temporary:
         temporary.mkdir()

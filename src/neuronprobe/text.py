@@ -315,8 +315,13 @@ def _open_text(path: Path, gzipped: bool, newline: str | None = None) -> Any:
     return open(path, encoding="utf-8-sig", newline=newline)
 
 
-def _utf8_error(data_or_path: bytes | Path, gzipped: bool = False) -> tuple[int, int] | None:
-    """``(byte offset, byte)`` of the first invalid UTF-8 byte, or None if the bytes are valid."""
+def _utf8_error(
+    data_or_path: bytes | Path, gzipped: bool = False, *, whole: bool = True
+) -> tuple[int, int] | None:
+    """``(byte offset, byte)`` of the first invalid UTF-8 byte, or None if the bytes are valid.
+
+    ``whole=False``: the bytes are only the start of a file, which may end inside a character.
+    """
     decoder = codecs.getincrementaldecoder("utf-8")()
     consumed = 0
 
@@ -330,13 +335,20 @@ def _utf8_error(data_or_path: bytes | Path, gzipped: bool = False) -> tuple[int,
         return None
 
     if isinstance(data_or_path, bytes):
-        return feed(data_or_path, final=True)
+        return feed(data_or_path, final=whole)
     with _open_bytes(data_or_path, gzipped) as handle:
         while chunk := handle.read(1 << 20):
             if found := feed(chunk):
                 return found
             consumed += len(chunk)
     return feed(b"", final=True)
+
+
+def _not_gzip(label: str, error: BaseException) -> NeuronprobeError:
+    return NeuronprobeError(
+        f"{label} is not a valid gzip file ({error}); recompress it with gzip or drop "
+        "the .gz ending."
+    )
 
 
 def _not_utf8(label: str, found: tuple[int, int] | None, gzipped: bool = False) -> NeuronprobeError:
@@ -500,10 +512,7 @@ def _file_documents(path: Path, rel: str, column: str) -> Iterator[Document]:
     except UnicodeDecodeError:
         raise _not_utf8(label, _utf8_error(path, gzipped), gzipped) from None
     except (gzip.BadGzipFile, EOFError, zlib.error) as error:
-        raise NeuronprobeError(
-            f"{label} is not a valid gzip file ({error}); recompress it with gzip or drop "
-            "the .gz ending."
-        ) from None
+        raise _not_gzip(label, error) from None
 
 
 class FileCorpus:
@@ -560,17 +569,11 @@ class FileCorpus:
                 with _open_bytes(file, gzipped) as handle:
                     head = handle.read(_CHECKED_BYTES)
             except (gzip.BadGzipFile, EOFError, zlib.error) as error:
-                raise NeuronprobeError(
-                    f"{file} is not a valid gzip file ({error}); recompress it with gzip or drop "
-                    "the .gz ending."
-                ) from None
+                raise _not_gzip(str(file), error) from None
             _check_not_binary(str(file), head[:_SNIFF_BYTES])
-            try:
-                # Not final: the head may end inside a character.
-                codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
-            except UnicodeDecodeError as error:
-                found = (error.start, head[error.start])
-                raise _not_utf8(str(file), found, gzipped) from None
+            found = _utf8_error(head, whole=False)
+            if found is not None:
+                raise _not_utf8(str(file), found, gzipped)
         fmt = (_file_format(self.files[0]) or ("txt", False))[0]
         if fmt != "txt":  # a .txt file is one document: nothing to check that is cheap
             next(iter(self.file_documents(0)), None)

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from neuronprobe.assets import file_sha256
 from neuronprobe.errors import NeuronprobeError
 from neuronprobe.hub import hub_reachable
-from neuronprobe.models import load_model, resolve_device
+from neuronprobe.models import load_model, resolve_device, smollm2_gguf_path
 
 
 def test_smollm2_is_the_real_model_and_knows_the_contrast(smollm2: Any) -> None:
@@ -114,3 +117,67 @@ def test_dtype_sets_the_weights_and_activations_stay_float32(tiny_gpt2_dir: Path
     np.testing.assert_allclose(half, full, rtol=0.1, atol=0.1)  # bfloat16 keeps ~3 digits
     with pytest.raises(NeuronprobeError, match="--dtype 'int8' is not one of"):
         load_model(str(tiny_gpt2_dir), device="cpu", dtype="int8")
+
+
+def _conversions(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("converting ")]
+
+
+def test_gguf_cache_is_keyed_by_content_so_copies_share_one_conversion(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, smollm2: Any
+) -> None:
+    """A copy of the bundled GGUF under another path and name (another virtual environment)
+    is converted once; the bundled file then finds that conversion and converts nothing."""
+    monkeypatch.setenv("NEURONPROBE_CACHE", str(tmp_path / "cache"))
+    bundled = smollm2_gguf_path()
+    sha = file_sha256(bundled)
+    assert sha == smollm2.identity["gguf_sha256"]
+    copy = tmp_path / "other-venv" / "renamed.gguf"
+    copy.parent.mkdir()
+    shutil.copyfile(bundled, copy)
+    models = tmp_path / "cache" / "models"
+    directory = models / f"gguf-{sha[:12]}"
+
+    with caplog.at_level(logging.INFO, logger="neuronprobe.models"):
+        first = load_model(str(copy), device="cpu")
+    assert _conversions(caplog) == [
+        f"converting renamed.gguf to a float32 safetensors copy in {directory} (once)"
+    ]
+    assert first.identity["cache"] == str(directory)
+    assert first.identity["gguf_sha256"] == sha
+    assert sorted(p.name for p in models.iterdir()) == [directory.name]  # no staging left
+    assert (directory / "gguf.sha256").read_text() == sha + "\n"
+    weights = directory / "model.safetensors"
+    before = [(p.stat().st_ino, p.stat().st_mtime_ns) for p in (directory, weights)]
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="neuronprobe.models"):
+        second = load_model("smollm2-135m", device="cpu")
+    assert _conversions(caplog) == []
+    assert second.identity["cache"] == str(directory)
+    assert second.identity["gguf_sha256"] == sha
+    assert [(p.stat().st_ino, p.stat().st_mtime_ns) for p in (directory, weights)] == before
+    assert sorted(p.name for p in models.iterdir()) == [directory.name]
+    # The same conversion as the session's copy (in the default cache), bit for bit.
+    expected = smollm2.model.state_dict()
+    got = second.model.state_dict()
+    assert list(got) == list(expected)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_a_cache_folder_from_another_file_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NEURONPROBE_CACHE", str(tmp_path))
+    sha = file_sha256(smollm2_gguf_path())
+    directory = tmp_path / "models" / f"gguf-{sha[:12]}"
+    directory.mkdir(parents=True)
+    with pytest.raises(NeuronprobeError, match=r"no gguf\.sha256 in it\); delete that folder") as e:
+        load_model("smollm2-135m", device="cpu")
+    assert str(e.value) == (
+        f"the cached model folder {directory} is not a conversion of {smollm2_gguf_path()} "
+        f"(sha256 {sha}; no gguf.sha256 in it); delete that folder and load the model again."
+    )
+    (directory / "gguf.sha256").write_text("0" * 64 + "\n")
+    with pytest.raises(NeuronprobeError, match=f"converted from sha256 {'0' * 64}\\); delete"):
+        load_model("smollm2-135m", device="cpu")

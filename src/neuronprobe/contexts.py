@@ -5,13 +5,16 @@ Entry point: :func:`collect_contexts` (documents + tokenizer + :class:`Contrast`
 (``context_length <= ti < len(tokens) - 1``) whose token is the target, the context is
 ``tokens[ti - context_length : ti + 1]``; it is *positive* ("can't") when the following
 tokens are one of the positive followers, *negative* ("can") when the next token starts with a
-space and is not the first token of an excluded word. Scanning stops, between documents, once
-both classes have ``min_per_class`` contexts; then both classes are sampled down to the size of
-the smaller one with the run's seed (the notebook's balancing step, without its ``randperm`` bug).
-Two options the notebook lacks: exact duplicate contexts are dropped (on by default), and curly
-apostrophes can be read as ``'`` (off by default). The tokenizing is done by
-:mod:`neuronprobe.scanner`, on windows around the target where that provably gives the
-whole-document tokens.
+space and is not the first token of an excluded word (or, when the contrast names negative
+followers, such as `` am`` for "I'm" versus "I am", when the following tokens are one of them).
+Scanning stops, between documents, once both classes have ``min_per_class`` contexts; then both
+classes are sampled down to the size of the smaller one with the run's seed (the notebook's
+balancing step, without its ``randperm`` bug). Two options the notebook lacks: exact duplicate
+contexts are dropped (on by default), and curly apostrophes can be read as ``'`` (off by
+default). The tokenizing is done by :mod:`neuronprobe.scanner`, on windows around the target
+where that provably gives the whole-document tokens. When the corpus ends too early, the error
+says why from the scan's counts (targets with too little text before them, a target written
+without its space).
 """
 
 from __future__ import annotations
@@ -44,17 +47,25 @@ class Contrast:
     positive_followers:
         Text that, following the target, makes the context positive (``'t``). Each is
         tokenized on its own and matched as a token sequence.
+    negative_followers:
+        Text that, following the target, makes the context negative (`` am`` after `` I``),
+        matched as the positive followers are (the positive class is checked first). Empty
+        (the default): the negative class is every space-initial next token that is not the
+        first token of an excluded follower.
     excluded_followers:
         Words whose first token, following the target, excludes the context from the negative
-        class (after "can", these make it a noun: `` of``, `` with``...).
+        class (after "can", these make it a noun: `` of``, `` with``...). Only with the default
+        negative rule (no ``negative_followers``).
     context_length:
-        Tokens kept before the target; contexts are ``context_length + 1`` tokens long.
+        Tokens kept before the target (at least 1); contexts are ``context_length + 1`` tokens
+        long.
     positive_name, negative_name:
         How tables and figures name the classes.
     """
 
     target: str = " can"
     positive_followers: tuple[str, ...] = ("'t",)
+    negative_followers: tuple[str, ...] = ()
     excluded_followers: tuple[str, ...] = (" of", " with", " from", " in", " on", " for", " not")
     context_length: int = 10
     positive_name: str = "can't"
@@ -64,7 +75,7 @@ class Contrast:
         for name in ("target", "positive_name", "negative_name"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise NeuronprobeError(f"contrast {name} must be a non-empty string.")
-        for name in ("positive_followers", "excluded_followers"):
+        for name in ("positive_followers", "negative_followers", "excluded_followers"):
             value = getattr(self, name)
             if isinstance(value, str) or not all(isinstance(v, str) and v for v in value):
                 raise NeuronprobeError(
@@ -74,23 +85,45 @@ class Contrast:
             raise NeuronprobeError(
                 f"contrast context_length must be an integer (got {self.context_length!r})."
             )
-        if self.context_length < 0:
+        if self.context_length < 1:
             raise NeuronprobeError(
-                f"contrast context_length must be >= 0 (got {self.context_length})."
+                f"contrast context_length (--context-length) must be at least 1 (got "
+                f"{self.context_length}); give the number of tokens kept before the target "
+                "(the notebook uses 10)."
             )
         if not self.positive_followers:
             raise NeuronprobeError('contrast needs at least one positive follower (such as "\'t").')
+        if self.negative_followers and self.excluded_followers:
+            raise NeuronprobeError(
+                f"contrast gives both negative_followers {list(self.negative_followers)} and "
+                f"excluded_followers {list(self.excluded_followers)}: exclusions belong to the "
+                "default negative rule (any space-initial word); with negative followers, set "
+                "excluded_followers to [] (on the command line: give --negative without --exclude)."
+            )
+        both = [f for f in self.positive_followers if f in self.negative_followers]
+        if both:
+            raise NeuronprobeError(
+                f"contrast follower {both[0]!r} is both positive and negative; remove it from "
+                "positive_followers (--positive) or negative_followers (--negative)."
+            )
         # JSON round trips give lists; keep the dataclass hashable and comparable.
         object.__setattr__(self, "positive_followers", tuple(self.positive_followers))
+        object.__setattr__(self, "negative_followers", tuple(self.negative_followers))
         object.__setattr__(self, "excluded_followers", tuple(self.excluded_followers))
 
     def describe(self) -> str:
         """One line in words: what is told apart from what."""
         followers = " or ".join(repr(f) for f in self.positive_followers)
+        if self.negative_followers:
+            negative = " or ".join(repr(f) for f in self.negative_followers)
+        elif self.excluded_followers:
+            excluded = ", ".join(repr(w) for w in self.excluded_followers)
+            negative = f"a space-initial token other than {excluded}"
+        else:
+            negative = "any space-initial token"
         return (
-            f"{self.target!r} followed by {followers} ({self.positive_name!r}) versus {self.target!r}"
-            f" followed by a space-initial token other than "
-            f"{', '.join(repr(w) for w in self.excluded_followers)} ({self.negative_name!r}); "
+            f"{self.target!r} followed by {followers} ({self.positive_name!r}) versus "
+            f"{self.target!r} followed by {negative} ({self.negative_name!r}); "
             f"{self.context_length} tokens of context before the target"
         )
 
@@ -116,7 +149,14 @@ class Contrast:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Contrast:
+        """A contrast from a TOML table or run.json's ``contrast`` (unknown keys are refused).
+
+        Negative followers replace the default negative rule: given without
+        ``excluded_followers``, the default exclusions do not apply.
+        """
         check_known_keys(values, (f.name for f in dataclasses.fields(cls)), "contrast")
+        if values.get("negative_followers") and "excluded_followers" not in values:
+            values = {**values, "excluded_followers": ()}
         return cls(**values)
 
 
@@ -127,6 +167,7 @@ class ContrastTokens:
     target_id: int
     positive_sequences: tuple[tuple[int, ...], ...]
     excluded_ids: frozenset[int]
+    negative_sequences: tuple[tuple[int, ...], ...] = ()
 
 
 def resolve_contrast(contrast: Contrast, tokenizer: Any) -> ContrastTokens:
@@ -135,8 +176,8 @@ def resolve_contrast(contrast: Contrast, tokenizer: Any) -> ContrastTokens:
     Raises
     ------
     NeuronprobeError
-        If the target is not exactly one token (the message shows how it splits), or a
-        follower is empty.
+        If the target is not exactly one token (the message shows how it splits), a follower
+        encodes to no tokens, or a positive and a negative follower are the same tokens.
     """
     target_ids = _encode(tokenizer, contrast.target)
     if len(target_ids) != 1:
@@ -145,14 +186,28 @@ def resolve_contrast(contrast: Contrast, tokenizer: Any) -> ContrastTokens:
             f"the contrast target {contrast.target!r} is {len(target_ids)} tokens for this "
             f"tokenizer ({target_ids} = {pieces}); choose a target that is a single token."
         )
-    positive = []
-    for follower in contrast.positive_followers:
+    positive = _sequences(tokenizer, contrast.positive_followers, "positive")
+    negative = _sequences(tokenizer, contrast.negative_followers, "negative")
+    for follower, sequence in zip(contrast.negative_followers, negative, strict=True):
+        if sequence in positive:
+            same = contrast.positive_followers[positive.index(sequence)]
+            raise NeuronprobeError(
+                f"the negative follower {follower!r} is the same tokens {list(sequence)} as the "
+                f"positive follower {same!r}; remove it from --negative or --positive."
+            )
+    excluded = {ids[0] for word in contrast.excluded_followers if (ids := _encode(tokenizer, word))}
+    return ContrastTokens(target_ids[0], positive, frozenset(excluded), negative)
+
+
+def _sequences(tokenizer: Any, followers: Sequence[str], kind: str) -> tuple[tuple[int, ...], ...]:
+    """Each follower's token ids (refusing one that encodes to nothing)."""
+    sequences = []
+    for follower in followers:
         ids = _encode(tokenizer, follower)
         if not ids:
-            raise NeuronprobeError(f"the positive follower {follower!r} encodes to no tokens.")
-        positive.append(tuple(ids))
-    excluded = {ids[0] for word in contrast.excluded_followers if (ids := _encode(tokenizer, word))}
-    return ContrastTokens(target_ids[0], tuple(positive), frozenset(excluded))
+            raise NeuronprobeError(f"the {kind} follower {follower!r} encodes to no tokens.")
+        sequences.append(tuple(ids))
+    return tuple(sequences)
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
@@ -186,8 +241,10 @@ class Contexts:
     next_tokens:
         int64 [contexts] the token that follows the target (not part of the context).
     counts:
-        Documents scanned, contexts found and duplicates dropped per class, contexts kept per
-        class, and how many positive contexts each spelling of the follower gave.
+        Documents scanned, contexts found and duplicates dropped per class, the target's text
+        and tokens in the scanned documents and the target tokens skipped for too little text
+        before them, contexts kept per class, and how many positive contexts each spelling of
+        the follower gave.
     """
 
     tokens: np.ndarray
@@ -245,6 +302,10 @@ class Scan:
 
     ``spellings`` counts the kept positive contexts by the follower's text as written in the
     document (``'t`` or ``’t`` ...): with apostrophe normalisation, each spelling's share.
+    ``target_tokens`` counts the target tokens of the scanned documents (whole-document tokens),
+    ``targets_too_early`` those skipped because fewer than ``context_length`` tokens precede
+    them in their document, and ``target_text_occurrences`` the occurrences of the target's
+    text (inside words too): what the error says when the corpus ends too early.
 
     A scan is built document by document, in corpus order, with :meth:`add_document`; the
     stopping rule is :meth:`satisfied`. The single-process scan and the Ray engine
@@ -256,6 +317,9 @@ class Scan:
     negative: _Found
     documents_scanned: int
     spellings: Counter[str] = field(default_factory=Counter)
+    target_tokens: int = 0
+    targets_too_early: int = 0
+    target_text_occurrences: int = 0
 
     @classmethod
     def empty(cls, drop_duplicates: bool = True) -> Scan:
@@ -268,11 +332,16 @@ class Scan:
         return len(self.positive) >= min_per_class and len(self.negative) >= min_per_class
 
     def add_document(
-        self, document_id: str, source: str, candidates: Sequence[Candidate] = ()
+        self, document_id: str, source: str, finds: DocumentFinds | None = None
     ) -> None:
         """Count one more scanned document and keep its candidates (duplicates dropped)."""
         self.documents_scanned += 1
-        for candidate in candidates:
+        if finds is None:
+            return
+        self.target_tokens += finds.target_tokens
+        self.targets_too_early += finds.targets_too_early
+        self.target_text_occurrences += finds.target_text_occurrences
+        for candidate in finds.candidates:
             found = self.positive if candidate.positive else self.negative
             kept = found.add(
                 list(candidate.tokens),
@@ -309,6 +378,32 @@ class Candidate(NamedTuple):
     spelling: str
 
 
+class DocumentFinds(NamedTuple):
+    """What :meth:`ContextFinder.find` finds in one document, for :meth:`Scan.add_document`.
+
+    Attributes
+    ----------
+    candidates:
+        The document's contexts of both classes, in order.
+    target_tokens:
+        Target tokens in the document's whole-document tokens.
+    targets_too_early:
+        Of these, the ones skipped because fewer than ``context_length`` tokens precede them.
+    target_text_occurrences:
+        Occurrences of the target's text (``str.count``; inside words too).
+    """
+
+    candidates: Sequence[Candidate] = ()
+    target_tokens: int = 0
+    targets_too_early: int = 0
+    target_text_occurrences: int = 0
+
+    @property
+    def found_anything(self) -> bool:
+        """Whether the document adds anything to a scan but its count."""
+        return bool(self.candidates or self.target_tokens or self.target_text_occurrences)
+
+
 class ContextFinder:
     """The per-document half of the scan: the candidates of each document, found in batches.
 
@@ -333,7 +428,8 @@ class ContextFinder:
         self.contrast = contrast or Contrast()
         self.normalize_apostrophes = normalize_apostrophes
         self.ids = resolve_contrast(self.contrast, tokenizer)
-        self.after = max(len(sequence) for sequence in self.ids.positive_sequences)
+        sequences = self.ids.positive_sequences + self.ids.negative_sequences
+        self.after = max(len(sequence) for sequence in sequences)
         self.follower_texts = {
             seq: tokenizer.decode(list(seq)) for seq in self.ids.positive_sequences
         }
@@ -344,18 +440,19 @@ class ContextFinder:
             return document.text.translate(_TO_ASCII_APOSTROPHE)
         return document.text
 
-    def find(self, documents: Sequence[Document]) -> list[list[Candidate]]:
-        """The candidates of each document, in document order (one list per document)."""
-        from neuronprobe.scanner import target_hits
+    def find(self, documents: Sequence[Document]) -> list[DocumentFinds]:
+        """The candidates and counts of each document, in document order (one per document)."""
+        from neuronprobe.scanner import find_targets
 
         if not documents:
             return []
         contrast, ids = self.contrast, self.ids
+        texts = [self._text_of(document) for document in documents]
         # Exactly the whole-document tokens' hits, from windows where that is provably the same
         # (see neuronprobe.scanner). Token indices are not needed (the character offset locates
         # a context), which saves most of the work.
-        all_hits = target_hits(
-            [self._text_of(document) for document in documents],
+        all_targets = find_targets(
+            texts,
             self.tokenizer,
             ids.target_id,
             contrast.target,
@@ -363,16 +460,13 @@ class ContextFinder:
             self.after,
             with_index=False,
         )
-        found: list[list[Candidate]] = []
-        for document, hits in zip(documents, all_hits, strict=True):
+        found: list[DocumentFinds] = []
+        for document, text, targets in zip(documents, texts, all_targets, strict=True):
             candidates: list[Candidate] = []
-            for hit in hits:
+            for hit in targets.hits:
                 following = hit.following
                 next_token = following[0]
-                matched = next(
-                    (seq for seq in ids.positive_sequences if tuple(following[: len(seq)]) == seq),
-                    None,
-                )
+                matched = _match(following, ids.positive_sequences)
                 if matched is not None:
                     spelling = _spelling(
                         document.text, hit.offset, contrast, self.follower_texts[matched]
@@ -380,19 +474,31 @@ class ContextFinder:
                     candidates.append(
                         Candidate(True, tuple(hit.context), hit.offset, next_token, spelling)
                     )
-                elif next_token not in ids.excluded_ids and _space_initial(
-                    self.tokenizer, next_token, self._space_initial
-                ):
+                elif self._negative(following):
                     candidates.append(
                         Candidate(False, tuple(hit.context), hit.offset, next_token, "")
                     )
-            found.append(candidates)
+            found.append(
+                DocumentFinds(
+                    candidates, targets.tokens, targets.too_early, text.count(contrast.target)
+                )
+            )
         return found
+
+    def _negative(self, following: list[int]) -> bool:
+        """Whether the tokens after the target (not a positive follower) make it negative."""
+        ids = self.ids
+        if ids.negative_sequences:
+            return _match(following, ids.negative_sequences) is not None
+        next_token = following[0]
+        return next_token not in ids.excluded_ids and _space_initial(
+            self.tokenizer, next_token, self._space_initial
+        )
 
     def iterate(
         self, documents: Iterable[Document], batch_documents: int = 256
-    ) -> Iterator[tuple[Document, list[Candidate]]]:
-        """``(document, its candidates)`` for each document in order, found in batches."""
+    ) -> Iterator[tuple[Document, DocumentFinds]]:
+        """``(document, what it holds)`` for each document in order, found in batches."""
         batch: list[Document] = []
         for document in documents:
             batch.append(document)
@@ -436,12 +542,12 @@ def scan_contexts(
     scan = Scan.empty(drop_duplicates)
     bar = tqdm(desc="scanning documents", unit=" docs", disable=not progress, mininterval=0.5)
     try:
-        for document, candidates in finder.iterate(documents, batch_documents):
+        for document, finds in finder.iterate(documents, batch_documents):
             if scan.satisfied(min_per_class):
                 break
-            scan.add_document(document.id, document.source, candidates)
+            scan.add_document(document.id, document.source, finds)
             bar.update(1)
-            if candidates:
+            if finds.candidates:
                 bar.set_postfix(
                     {
                         contrast.positive_name: len(scan.positive),
@@ -452,6 +558,11 @@ def scan_contexts(
     finally:
         bar.close()
     return scan
+
+
+def _match(following: list[int], sequences: tuple[tuple[int, ...], ...]) -> tuple[int, ...] | None:
+    """The first of ``sequences`` that the tokens ``following`` the target begin with."""
+    return next((seq for seq in sequences if tuple(following[: len(seq)]) == seq), None)
 
 
 def _spelling(text: str, offset: int, contrast: Contrast, follower: str) -> str:
@@ -494,6 +605,9 @@ def balance_contexts(scan: Scan, *, seed: int = 0) -> Contexts:
             "found_negative": len(scan.negative),
             "duplicates_dropped_positive": scan.positive.duplicates,
             "duplicates_dropped_negative": scan.negative.duplicates,
+            "target_text_occurrences": scan.target_text_occurrences,
+            "target_tokens": scan.target_tokens,
+            "targets_too_early": scan.targets_too_early,
             "kept_per_class": per_class,
             "positive_spellings": dict(scan.spellings.most_common()),
         },
@@ -561,15 +675,12 @@ def finish_scan(scan: Scan, contrast: Contrast, *, min_per_class: int, seed: int
     Raises
     ------
     NeuronprobeError
-        If the corpus ended before both classes reached ``min_per_class``.
+        If the corpus ended before both classes reached ``min_per_class``; the message says
+        what the scan found and, where its counts show one, the likely cause
+        (:func:`too_few_message`).
     """
     if not scan.satisfied(min_per_class):
-        raise NeuronprobeError(
-            f"the corpus ended after {scan.documents_scanned} documents with {len(scan.positive)} "
-            f"{contrast.positive_name!r} and {len(scan.negative)} {contrast.negative_name!r} "
-            f"contexts, fewer than --min-per-class {min_per_class}; lower --min-per-class or use "
-            "a larger corpus."
-        )
+        raise NeuronprobeError(too_few_message(scan, contrast, min_per_class))
     contexts = balance_contexts(scan, seed=seed)
     logger.info(
         "scanned %d documents: %d %r and %d %r contexts (%d and %d duplicates dropped); "
@@ -584,6 +695,49 @@ def finish_scan(scan: Scan, contrast: Contrast, *, min_per_class: int, seed: int
         contexts.counts["kept_per_class"],
     )
     return contexts
+
+
+def too_few_message(scan: Scan, contrast: Contrast, min_per_class: int) -> str:
+    """The one-line error for a corpus that ended before both classes had ``min_per_class``.
+
+    It gives the scan's counts (documents, contexts and duplicates per class, target tokens)
+    and, where they point to one, the cause: most target tokens had fewer than
+    ``context_length`` tokens before them (short records), or a target without its leading
+    space is mostly text inside words (``can`` in ``scandal``; `` can`` is another token).
+    """
+    target, length = contrast.target, contrast.context_length
+    tokens, early = scan.target_tokens, scan.targets_too_early
+    parts = [
+        f"the corpus ended after {scan.documents_scanned:,} documents with "
+        f"{len(scan.positive):,} {contrast.positive_name!r} and {len(scan.negative):,} "
+        f"{contrast.negative_name!r} contexts ({scan.positive.duplicates:,} and "
+        f"{scan.negative.duplicates:,} duplicates dropped), fewer than --min-per-class "
+        f"{min_per_class}",
+        f"the target token {target!r} occurs {tokens:,} times in them"
+        + (
+            f" and {early:,} of these had fewer than --context-length {length} tokens before "
+            "them in their document (skipped)"
+            if early
+            else ""
+        ),
+    ]
+    text = scan.target_text_occurrences
+    if not target[:1].isspace() and 2 * tokens < text:
+        spaced = " " + target
+        parts.append(
+            f"the text {target!r} occurs {text:,} times in the scanned documents but the token "
+            f"{target!r} only {tokens:,} times; most occurrences are inside words or are the "
+            f"token {spaced!r} (with its space): did you mean --target {spaced!r}? Otherwise "
+            "lower --min-per-class or use a larger corpus."
+        )
+    elif early and 2 * early >= tokens:
+        parts.append(
+            "most targets come too early in their document: use a smaller --context-length or "
+            "longer documents (not one sentence per record), or lower --min-per-class."
+        )
+    else:
+        parts.append("lower --min-per-class or use a larger corpus.")
+    return "; ".join(parts)
 
 
 def _space_initial(tokenizer: Any, token: int, cache: dict[int, bool]) -> bool:

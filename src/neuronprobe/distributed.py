@@ -74,10 +74,10 @@ from neuronprobe.activations import (
     site_width,
 )
 from neuronprobe.contexts import (
-    Candidate,
     ContextFinder,
     Contexts,
     Contrast,
+    DocumentFinds,
     Scan,
     finish_scan,
 )
@@ -473,12 +473,13 @@ class _Shard:
 @dataclass
 class _ShardResult:
     """What a task found in one shard: how many documents (and, for a dataset shard, rows) it
-    read, the candidates of the documents that have any (position in the shard, id, source,
-    candidates), and the error that stopped the shard early, if any."""
+    read, what the documents that hold candidates or the target's text hold (position in the
+    shard, id, source, finds: candidates and target counts), and the error that stopped the
+    shard early, if any."""
 
     documents: int = 0
     rows: int = 0
-    found: list[tuple[int, str, str, list[Candidate]]] = field(default_factory=list)
+    found: list[tuple[int, str, str, DocumentFinds]] = field(default_factory=list)
     error: str | None = None
     seconds: float = 0.0
     characters: int = 0
@@ -527,9 +528,9 @@ def _scan_shard(shard: _Shard, box: list[Any], batch_documents: int = 256) -> _S
     batch: list[Document] = []
 
     def scan(batch: list[Document]) -> None:
-        for document, candidates in zip(batch, finder.find(batch), strict=True):
-            if candidates:
-                result.found.append((result.documents, document.id, document.source, candidates))
+        for document, finds in zip(batch, finder.find(batch), strict=True):
+            if finds.found_anything:
+                result.found.append((result.documents, document.id, document.source, finds))
             result.documents += 1
             result.characters += len(document.text)
 
@@ -757,8 +758,8 @@ def _merge(
     documents without candidates cannot change it, so it is checked once before such a run.
     """
     position = 0  # the next document of the shard to add
-    for found_at, document_id, source, candidates in result.found:
-        if found_at > position:  # documents without candidates: only counted
+    for found_at, document_id, source, finds in result.found:
+        if found_at > position:  # documents without candidates or targets: only counted
             if scan.satisfied(min_per_class):
                 return True
             scan.documents_scanned += found_at - position
@@ -767,7 +768,7 @@ def _merge(
         if shard.kind == "hf":
             assert isinstance(corpus, HFDatasetCorpus)
             document_id = corpus.document_id(row_offset + int(document_id))
-        scan.add_document(document_id, source, candidates)
+        scan.add_document(document_id, source, finds)
         position = found_at + 1
     if result.documents > position:
         if scan.satisfied(min_per_class):

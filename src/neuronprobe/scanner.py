@@ -1,9 +1,11 @@
 """Find a target token and its neighbours in documents without tokenizing whole documents.
 
-Entry point: :func:`target_hits`. It returns, for each document, exactly the occurrences of the
-target token that whole-document tokenization (``tokenizer(text, add_special_tokens=False)``)
-would show, with the tokens before and after each one, but it tokenizes only short windows of
-text around the places where the target's text occurs.
+Entry points: :func:`find_targets` and :func:`target_hits` (its hits only). They return, for each
+document, exactly the occurrences of the target token that whole-document tokenization
+(``tokenizer(text, add_special_tokens=False)``) would show, with the tokens before and after
+each one, but they tokenize only short windows of text around the places where the target's
+text occurs. :func:`find_targets` also counts, per document, every target token and the ones
+skipped because fewer than ``before`` tokens precede them (:class:`DocumentTargets`).
 
 Why the windows give the same tokens (the exactness argument)
 --------------------------------------------------------------
@@ -51,6 +53,13 @@ document start gives the exact token index; one that starts later has ``>= befor
 before every target in it, so the ``index >= before`` rule holds there. The token index of the
 window's start is counted, not tokenized: ``text[:a]`` is cut at its boundaries into short
 chunks (mostly `` word``), and the token counts of distinct chunks are cached.
+
+The counts. Every target token lies in exactly one (merged) window, so the document's target
+tokens are the windows' target tokens, counted without tokenizing anything more. A target with
+fewer than ``before`` tokens before it can only be in a window that starts at the document
+start (every other window has ``>= before`` tokens before each of its targets), where the
+window's token indices are the document's: such targets are the target ids among that window's
+first ``before`` tokens.
 """
 
 from __future__ import annotations
@@ -60,9 +69,9 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
-__all__ = ["Hit", "fast_path_available", "target_hits"]
+__all__ = ["DocumentTargets", "Hit", "fast_path_available", "find_targets", "target_hits"]
 
 # Chunks of text cut at every boundary (and nowhere else).
 _CHUNK = re.compile(r"(?s) ?(?:[^ ]|(?<![!-~]) )+| ")
@@ -92,6 +101,25 @@ class Hit:
     index: int
 
 
+class DocumentTargets(NamedTuple):
+    """The target tokens of one document (see :func:`find_targets`).
+
+    Attributes
+    ----------
+    hits:
+        The target tokens with ``before`` tokens before them and a next token, in order.
+    tokens:
+        Every target token of the document's whole-document tokens.
+    too_early:
+        The target tokens skipped because fewer than ``before`` tokens precede them (index
+        ``< before``).
+    """
+
+    hits: list[Hit]
+    tokens: int
+    too_early: int
+
+
 def target_hits(
     texts: Sequence[str],
     tokenizer: Any,
@@ -102,6 +130,24 @@ def target_hits(
     with_index: bool = True,
 ) -> list[list[Hit]]:
     """Every target token with ``before`` tokens before it and a next token, per document.
+
+    The hits of :func:`find_targets` (which see for the parameters), without its counts.
+    """
+    found = find_targets(texts, tokenizer, target_id, needle, before, after, with_index)
+    return [document.hits for document in found]
+
+
+def find_targets(
+    texts: Sequence[str],
+    tokenizer: Any,
+    target_id: int,
+    needle: str,
+    before: int,
+    after: int,
+    with_index: bool = True,
+) -> list[DocumentTargets]:
+    """Every target token with ``before`` tokens before it and a next token, per document, and
+    how many target tokens each document holds and how many came too early.
 
     Parameters
     ----------
@@ -124,12 +170,13 @@ def target_hits(
 
     Returns
     -------
-    list[list[Hit]]
-        ``len(texts)`` lists. Document ``k``'s list holds, in order, a :class:`Hit` for every
+    list[DocumentTargets]
+        One per text. Document ``k``'s ``hits`` hold, in order, a :class:`Hit` for every
         ``i`` with ``before <= i < len(tokens) - 1`` and ``tokens[i] == target_id``, where
         ``tokens`` are document ``k``'s whole-document tokens: exactly what the notebook's loop
-        sees. Tokenizes windows around the occurrences of ``needle`` when that is provably
-        the same (:func:`fast_path_available`), whole documents otherwise.
+        sees; ``tokens`` counts every ``i`` with ``tokens[i] == target_id`` and ``too_early``
+        those with ``i < before``. Tokenizes windows around the occurrences of ``needle`` when
+        that is provably the same (:func:`fast_path_available`), whole documents otherwise.
     """
     if before < 0 or after < 1:
         raise ValueError(f"need before >= 0 and after >= 1 (got {before}, {after})")
@@ -140,12 +187,14 @@ def target_hits(
         batch = tokenizer(list(texts), add_special_tokens=False)
         encodings = batch.encodings if getattr(batch, "encodings", None) else [None] * len(texts)
         return [
-            _hits_in(list(ids), enc, 0, 0, target_id, before, after)
+            _targets_in(list(ids), enc, target_id, before, after)
             for ids, enc in zip(batch["input_ids"], encodings, strict=True)
         ]
 
     backend, added = plan
     results: list[list[Hit]] = [[] for _ in texts]
+    tokens = [0] * len(texts)  # target tokens per document
+    too_early = [0] * len(texts)  # of which fewer than ``before`` tokens precede them
     whole: list[int] = []  # documents that take the reference path
     pieces: list[str] = []  # windows to tokenize
     owners: list[tuple[int, int]] = []  # (document, window start) per window
@@ -166,7 +215,9 @@ def target_hits(
     if whole:
         encoded = backend.encode_batch([texts[k] for k in whole], add_special_tokens=False)
         for k, enc in zip(whole, encoded, strict=True):
-            results[k] = _hits_in(enc.ids, enc, 0, 0, target_id, before, after)
+            results[k], tokens[k], too_early[k] = _targets_in(
+                enc.ids, enc, target_id, before, after
+            )
     if pieces:
         gap_counts = _counter(backend).count(gaps) if with_index else [0] * len(gaps)
         encoded = backend.encode_batch(pieces, add_special_tokens=False)
@@ -176,14 +227,17 @@ def target_hits(
             if k != document:
                 document, shift = k, 0
             shift += gap  # tokens before this window: earlier windows and gaps
-            if start and target_id in ids[:before]:  # impossible by construction (docstring)
+            early = ids[:before].count(target_id)
+            if start and early:  # impossible by construction (docstring)
                 raise AssertionError("a window holds too few tokens before a target")
+            too_early[k] += early
+            tokens[k] += ids.count(target_id)
             hits = _hits_in(ids, enc, start, shift, target_id, before, after)
             if not with_index:
                 hits = [dataclasses.replace(hit, index=-1) for hit in hits]
             results[k].extend(hits)
             shift += len(ids)
-    return results
+    return [DocumentTargets(*counts) for counts in zip(results, tokens, too_early, strict=True)]
 
 
 def fast_path_available(tokenizer: Any) -> bool:
@@ -239,6 +293,14 @@ def _check_eligible(tokenizer: Any) -> tuple[str, ...] | None:
     if list(wrapped) != backend.encode(_PROBE, add_special_tokens=False).ids:
         return None
     return tuple(t.content for t in backend.get_added_tokens_decoder().values() if t.content)
+
+
+def _targets_in(
+    ids: list[int], enc: Any, target_id: int, before: int, after: int
+) -> DocumentTargets:
+    """The hits and counts of one whole document's tokens."""
+    hits = _hits_in(ids, enc, 0, 0, target_id, before, after)
+    return DocumentTargets(hits, ids.count(target_id), ids[:before].count(target_id))
 
 
 def _hits_in(

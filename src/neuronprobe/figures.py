@@ -69,7 +69,7 @@ def neuron_figure(
         logp = -np.log10(rows[pvalue].to_numpy())
     train = rows["train_acc"].to_numpy()
     test = rows["test_acc"].to_numpy()
-    threshold = float(rows["threshold"].iloc[0])
+    threshold = float(rows["pvalue_threshold"].iloc[0])
     significant = rows["significant"].to_numpy()
     n_neurons = len(rows)
 

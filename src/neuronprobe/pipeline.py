@@ -34,7 +34,7 @@ from neuronprobe.activations import (
     hook_points,
     resolve_layers,
 )
-from neuronprobe.config import FIT_ENGINES, RESUMABLE_CHANGES, STATISTICS_SETTINGS, RunConfig
+from neuronprobe.config import RESUMABLE_CHANGES, STATISTICS_SETTINGS, RunConfig
 from neuronprobe.contexts import (
     Contexts,
     collect_contexts,
@@ -43,17 +43,11 @@ from neuronprobe.contexts import (
     save_contexts,
 )
 from neuronprobe.errors import NeuronprobeError
-from neuronprobe.figures import (
-    accuracy_figure,
-    control_figure,
-    layers_figure,
-    neuron_figure,
-    save_figure,
-)
-from neuronprobe.models import LoadedModel, load_model
-from neuronprobe.statistics import fit_neuron_logits
-from neuronprobe.tables import layer_table, neuron_table
+from neuronprobe.models import LoadedModel, check_model, load_model
 from neuronprobe.text import Corpus, open_corpus
+
+# The statistics, tables and figures (torch, numba, matplotlib) are imported where they are
+# used: bad input is refused before those imports, in a fraction of a second.
 
 logger = logging.getLogger(__name__)
 
@@ -120,14 +114,8 @@ STAGE_SETTINGS = {
     "activations": ACTIVATION_SETTINGS,
     "statistics": STATISTICS_SETTINGS,
 }
-#: The files each stage writes; a stage counts as finished only if ``run.json`` says so and
-#: they are all there.
-STAGE_FILES = {
-    "contexts": (rundir.CONTEXTS,),
-    "activations": (rundir.ACTIVATIONS,),
-    "statistics": (rundir.NEURONS, rundir.NEURONS_CSV, rundir.LAYERS),
-    "report": (rundir.REPORT,),
-}
+#: The stages in order; each needs the files of those before it.
+STAGES = ("contexts", "activations", "statistics", "report")
 _ACTIVATION_FILES = ActivationFile(Path(rundir.ACTIVATIONS), {})
 #: Everything a run writes into its directory (what ``--force`` sets aside).
 RUN_FILES = (
@@ -145,6 +133,22 @@ RUN_FILES = (
 )
 
 
+def stage_files(stage: str, directory: Path, record: dict[str, Any]) -> list[str]:
+    """The files stage ``stage`` writes (relative to the run directory)."""
+    if stage == "contexts":
+        return [rundir.CONTEXTS]
+    if stage == "activations":
+        return [rundir.ACTIVATIONS, _ACTIVATION_FILES.described.name]
+    if stage == "statistics":
+        return [
+            rundir.NEURONS,
+            rundir.NEURONS_CSV,
+            rundir.LAYERS,
+            *rundir.figure_files(directory, record),
+        ]
+    return [rundir.REPORT]
+
+
 def open_run_directory(
     out: Path, config: RunConfig, *, force: bool = False, resume: bool = False
 ) -> dict[str, Any] | None:
@@ -154,7 +158,9 @@ def open_run_directory(
     stage it finished (so that those stages are reused: ``neuronprobe contexts`` then ``run``,
     a rerun of an interrupted run, ``--resume``); None for a new run.  Any other folder that
     holds files is refused, unless ``force``, which first moves the earlier run's files to
-    ``history/`` (nothing is deleted).
+    ``history/`` (nothing is deleted).  Whether the earlier run is the same is decided by the
+    stages its ``run.json`` marks complete, even where their files were damaged since (those
+    stages are then recomputed, see :func:`usable_stages`).
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -174,14 +180,14 @@ def open_run_directory(
         earlier["config"]["model"]
     except (OSError, ValueError, KeyError, TypeError):
         raise NeuronprobeError(
-            f"--out {out} already holds files but no run.json of a neuronprobe run; choose "
-            "another --out, or pass --force to write there (its files are kept)."
+            f"--out {out} already holds files but no readable run.json of a neuronprobe run; "
+            "choose another --out, or pass --force to write there (its files are kept)."
         ) from None
-    if not finished_stages(out, earlier):
+    if not completed_stages(earlier):
         return None  # it stopped before finishing anything (bad input, an early Ctrl-C)
     if resume:
         return earlier  # its own settings (see resumed_config)
-    refusal = _different(earlier, config, out)
+    refusal = _different(earlier, config)
     if refusal:
         raise NeuronprobeError(
             f"--out {out} already holds a different run ({refusal}); choose another --out, "
@@ -192,39 +198,104 @@ def open_run_directory(
     return earlier
 
 
-def finished_stages(directory: Path, record: dict[str, Any]) -> set[str]:
-    """The stages ``run.json`` marks complete whose files are all in ``directory``."""
+def completed_stages(record: dict[str, Any]) -> set[str]:
+    """The stages ``run.json`` marks complete (whether or not their files are still whole)."""
     stages = record.get("stages", {})
-    return {
-        stage
-        for stage, files in STAGE_FILES.items()
-        if stages.get(stage) == "complete" and all((directory / f).exists() for f in files)
-    }
+    return {stage for stage in STAGES if stages.get(stage) == "complete"}
 
 
-def _different(earlier: dict[str, Any], config: RunConfig, directory: Path) -> str | None:
+def usable_stages(directory: Path, record: dict[str, Any]) -> tuple[set[str], dict[str, str]]:
+    """The finished stages that can be reused, and why the others marked complete cannot.
+
+    A stage is usable when ``run.json`` marks it complete, all its files are whole (see
+    :func:`neuronprobe.rundir.file_problem`) and so is every stage before it (a stage's
+    results depend on those before it).
+
+    Returns
+    -------
+    usable, damaged
+        The usable stages; ``{stage: "FILE is PROBLEM"}`` for the first damaged file of each
+        stage that ``run.json`` marks complete but cannot be reused.
+    """
+    usable: set[str] = set()
+    damaged: dict[str, str] = {}
+    completed = completed_stages(record)
+    for stage in STAGES:
+        if stage not in completed:
+            break
+        for name in stage_files(stage, directory, record):
+            problem = rundir.file_problem(directory, name, record)
+            if problem is not None:
+                damaged[stage] = f"{name} is {problem}"
+                break
+        if stage in damaged:
+            break
+        usable.add(stage)
+    return usable, damaged
+
+
+def require_stage(directory: Path, record: dict[str, Any], stage: str) -> None:
+    """Refuse, in one line, a run whose ``stage`` (and every stage before it) is not finished
+    with all its files whole; the message names the first damaged file."""
+    usable, damaged = usable_stages(directory, record)
+    if stage in usable:
+        return
+    resume = f"`neuronprobe run --out {directory} --resume`"
+    problem = next(iter(damaged.values()), None)
+    if problem is not None:
+        raise NeuronprobeError(f"{directory}/{problem}; {resume} recomputes it.")
+    raise NeuronprobeError(
+        f"--out {directory} has no finished {stage}; finish the run first with {resume}."
+    )
+
+
+def _different(earlier: dict[str, Any], config: RunConfig) -> str | None:
     """Why the run recorded in ``earlier`` is not this one, or None if this one may continue it.
 
     Settings may differ only for the stages the earlier run did not finish (and those after).
+    The answer names each setting with both values: ``seed 0 in the folder, 3 asked``.
     """
-    settings = _comparable(earlier["config"])
-    wanted = _comparable(config.to_dict())
-    finished = finished_stages(directory, earlier)
+    settings = _comparable(earlier["config"], earlier)
+    wanted = _comparable(config.to_dict(), earlier)
+    completed = completed_stages(earlier)
     for stage, names in STAGE_SETTINGS.items():
-        if stage != "contexts" and stage not in finished:
+        if stage != "contexts" and stage not in completed:
             break
-        changed = [name for name in names if settings.get(name) != wanted.get(name)]
+        changed = _differences(settings, wanted, names)
         if changed:
-            return f"other {', '.join(changed)}"
+            return "; ".join(changed)
     return None
 
 
-def _comparable(settings: dict[str, Any]) -> dict[str, Any]:
-    """Settings as run.json holds them (lists, not tuples), with equivalent engines equal."""
-    settings = json.loads(json.dumps(settings))
-    if settings.get("engine") == "ray":
-        settings["engine"] = "fast"  # the Ray engine fits the statistics with the fast one
-    return settings
+def _differences(
+    old: dict[str, Any], new: dict[str, Any], names: Any, prefix: str = ""
+) -> list[str]:
+    """``NAME OLD in the folder, NEW asked`` for each of ``names`` that differs (one level into
+    tables such as the contrast)."""
+    found = []
+    for name in names:
+        before, after = old.get(name), new.get(name)
+        if before == after:
+            continue
+        if isinstance(before, dict) and isinstance(after, dict):
+            found += _differences(before, after, sorted({*before, *after}), f"{prefix}{name} ")
+        else:
+            found.append(f"{prefix}{name} {before!r} in the folder, {after!r} asked")
+    return found
+
+
+def _comparable(settings: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
+    """Settings as run.json holds them (lists, not tuples), the ``--engine ray`` alias read
+    as ``executor``, and the figure layer as resolved for ``record``'s recorded layers."""
+    config = RunConfig.from_dict(json.loads(json.dumps(settings)))
+    comparable = json.loads(json.dumps(config.to_dict()))
+    layers = record.get("activations", {}).get("layers")
+    if layers:
+        with contextlib.suppress(NeuronprobeError):
+            comparable["figure_layer"] = config.resolved_figure_layer(
+                layers, record.get("model", {}).get("layers")
+            )
+    return comparable
 
 
 def _set_aside(directory: Path) -> None:
@@ -232,7 +303,7 @@ def _set_aside(directory: Path) -> None:
     present = [name for name in RUN_FILES if (directory / name).exists()]
     if not present:
         return
-    target = _history_folder(directory, datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-replaced")
+    target = rundir.history_folder(directory, "replaced")
     target.mkdir(parents=True)
     for name in present:
         os.replace(directory / name, target / name)
@@ -276,7 +347,7 @@ def run(
     -------
     RunResult
         The run directory, the neuron and layer tables, ``run.json``'s content and the figures
-        (figures only of stages run by this call: a finished run's are in ``figures/``).
+        (for a finished run that this call reads back, drawn again from its tables).
     """
     if stop_after not in (None, "contexts", "activations"):
         raise ValueError(
@@ -294,30 +365,43 @@ def run(
     directory = Path(out) if out is not None else default_out()
     with rundir.locked(directory):
         earlier = open_run_directory(directory, config, force=force, resume=resume)
-        finished = finished_stages(directory, earlier) if earlier else set()
-        # Cheap input checks (the corpus exists and is readable) before any heavy work.
+        finished, damaged = usable_stages(directory, earlier) if earlier else (set(), {})
+        for stage, problem in damaged.items():
+            logger.warning("%s: recomputing the %s stage and those after it", problem, stage)
+        # Cheap input checks (the corpus, the model's name and the device) before any heavy
+        # import or work.
         corpus = None
         if "contexts" not in finished:
             corpus = open_corpus(config.corpus, text_column=config.text_column)
-        logger.info("run directory: %s", directory)
+        if _heavy_stage_left(finished, stop_after):
+            check_model(config.model, device=config.device)
         record = _start_record(config, earlier, finished)
-        with _engine(config, finished, stop_after):
+        earlier_record = _read_bytes(directory / rundir.RUN_JSON)
+        with _executor(config, finished, stop_after):
             # The model before anything is written: a bad --model, site, layer or target is
             # refused without a trace, and its tokenizer defines the contexts.
             loaded, layers = _model_stage(config, record, finished, stop_after)
+            logger.info("run directory: %s", directory)
             rundir.write_json(directory / rundir.RUN_JSON, record)
-            with _marked_if_stopped(record, directory):
-                contexts, activations = _contexts_and_activations(
-                    config,
-                    corpus,
-                    loaded,
-                    layers,
-                    directory,
-                    record,
-                    finished,
-                    progress,
-                    stop_after,
-                )
+            try:
+                with _marked_if_stopped(record, directory):
+                    contexts, activations = _contexts_and_activations(
+                        config,
+                        corpus,
+                        loaded,
+                        layers,
+                        directory,
+                        record,
+                        finished,
+                        progress,
+                        stop_after,
+                    )
+            except NeuronprobeError:
+                if "complete" not in record["stages"].values():
+                    # Bad input found by the scan (too few contexts...): like every other bad
+                    # input, it leaves nothing behind, and an earlier run.json as it was.
+                    _restore(directory / rundir.RUN_JSON, earlier_record)
+                raise
         del loaded  # the statistics need neither the model nor Ray: free the model's memory
         if stop_after is not None:
             return _finish(directory, record)
@@ -327,12 +411,25 @@ def run(
             )
 
 
-def _engine(
+def _read_bytes(path: Path) -> bytes | None:
+    return path.read_bytes() if path.is_file() else None
+
+
+def _restore(path: Path, data: bytes | None) -> None:
+    """Put back the bytes ``path`` held before (``None``: it did not exist)."""
+    if data is None:
+        path.unlink(missing_ok=True)
+    else:
+        with rundir.atomic_path(path) as temporary:
+            temporary.write_bytes(data)
+
+
+def _executor(
     config: RunConfig, finished: set[str], stop_after: str | None
 ) -> contextlib.AbstractContextManager[Any]:
-    """With ``--engine ray`` and a heavy stage to run, a Ray session (joined or started) for
+    """With ``--executor ray`` and a heavy stage to run, a Ray session (joined or started) for
     the block: an unreachable ``--ray-address`` fails here, before the model loads."""
-    if config.engine != "ray" or not _heavy_stage_left(finished, stop_after):
+    if config.executor != "ray" or not _heavy_stage_left(finished, stop_after):
         return contextlib.nullcontext()
     from neuronprobe.distributed import ray_session
 
@@ -370,17 +467,14 @@ def resumed_config(directory: Path, config: RunConfig | None = None) -> RunConfi
     recorded = RunConfig.from_dict(record["config"])
     if config is None:
         return recorded
-    given = _comparable(config.to_dict())
-    changed = [
-        name
-        for name, value in record["config"].items()
-        if name not in RESUMABLE_CHANGES and given.get(name) != value
-    ]
+    given = _comparable(config.to_dict(), record)
+    settings = _comparable(record["config"], record)
+    changed = _differences(settings, given, [n for n in settings if n not in RESUMABLE_CHANGES])
     if changed:
         raise NeuronprobeError(
-            f"--resume finishes the run with its recorded settings, but {', '.join(changed)} "
-            "differ; drop them, use `neuronprobe probe` for other statistics settings, or "
-            "start a new --out."
+            f"--resume finishes the run with its recorded settings, but they differ "
+            f"({'; '.join(changed)}); drop those settings, use `neuronprobe probe` for other "
+            "statistics settings, or start a new --out."
         )
     return dataclasses.replace(
         recorded, **{name: getattr(config, name) for name in RESUMABLE_CHANGES}
@@ -448,21 +542,19 @@ def _model_stage(
             n_layers = len(hook_points(loaded.model, config.site))
             layers = resolve_layers(config.layers, n_layers)
             contrast_ids = resolve_contrast(config.contrast, loaded.tokenizer)
-        record["model"] = loaded.identity
+        record["model"] = {**loaded.identity, "layers": n_layers}
         record["contrast"] = {
             **config.contrast.__dict__,
             "description": config.contrast.describe(),
             "target_id": contrast_ids.target_id,
             "positive_ids": [list(ids) for ids in contrast_ids.positive_sequences],
+            "negative_ids": [list(ids) for ids in contrast_ids.negative_sequences],
             "excluded_ids": sorted(contrast_ids.excluded_ids),
         }
     else:
         layers = list(record.get("activations", {}).get("layers", config.layers or []))
-    if layers and stop_after is None and config.figure_layer not in layers:
-        raise NeuronprobeError(
-            f"--layer {config.figure_layer} is not among the recorded layers {layers}; "
-            "choose one of them for the per-neuron figures."
-        )
+    if layers and stop_after is None:
+        config.resolved_figure_layer(layers, record.get("model", {}).get("layers"))  # or refuse
     return loaded, layers
 
 
@@ -483,9 +575,9 @@ def _contexts_and_activations(
         logger.info(
             "continuing the run in %s: reusing its %s",
             directory,
-            ", ".join(stage for stage in STAGE_FILES if stage in finished),
+            ", ".join(stage for stage in STAGES if stage in finished),
         )
-    on_ray = config.engine == "ray"
+    on_ray = config.executor == "ray"
 
     if "contexts" in finished:
         logger.info("reusing the contexts in %s", directory / rundir.CONTEXTS)
@@ -575,11 +667,11 @@ def _statistics_and_report(
     outputs: tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]
     if "statistics" in finished:
         logger.info("reusing the statistics in %s", directory / rundir.NEURONS)
-        outputs = (
-            pd.read_parquet(directory / rundir.NEURONS),
-            pd.read_csv(directory / rundir.LAYERS),
-            {},
-        )
+        neurons = pd.read_parquet(directory / rundir.NEURONS)
+        layers_profile = pd.read_csv(directory / rundir.LAYERS)
+        # The same figures as figures/ holds, drawn again from the tables (not saved).
+        figures = make_figures(config, neurons, layers_profile, _figure_layer(config, record))
+        outputs = (neurons, layers_profile, figures)
     else:
         outputs = _statistics_and_figures(
             config,
@@ -618,11 +710,7 @@ def report(out: Path | str) -> Path:
 
     directory = Path(out)
     record = read_record(directory)
-    if record.get("stages", {}).get("statistics") != "complete":
-        raise NeuronprobeError(
-            f"--out {directory} has no finished statistics; finish the run first with "
-            f"`neuronprobe run --out {directory} --resume`."
-        )
+    require_stage(directory, record, "statistics")
     with rundir.locked(directory):
         return write_report(directory)
 
@@ -641,11 +729,12 @@ def _statistics_and_figures(
 
     ``activations`` is ``[layers, contexts, neurons]`` (a memory map is read layer by layer).
     """
-    import matplotlib.pyplot as plt
+    from neuronprobe.figures import save_figure
+    from neuronprobe.statistics import fit_neuron_logits
+    from neuronprobe.tables import layer_table, neuron_table
 
     timings: dict[str, float] = record["timings_s"]
     seed = config.seed if config.statistics_seed is None else config.statistics_seed
-    fit_engine = config.engine if config.engine in FIT_ENGINES else "fast"
     record["stages"].update(statistics="running", figures="running")
     record["stages"].pop("report", None)
     rundir.write_json(directory / rundir.RUN_JSON, record)
@@ -657,7 +746,7 @@ def _statistics_and_figures(
             test_size=config.test_size,
             seed=seed,
             groups=np.asarray(document_ids) if config.split_by_document else None,
-            engine=fit_engine,
+            engine=config.engine,
             cv=config.cv or None,
             shuffled_control=config.shuffled_control,
             progress=progress,
@@ -672,10 +761,11 @@ def _statistics_and_figures(
             neurons.to_csv(temporary, index=False)
         with rundir.atomic_path(directory / rundir.LAYERS) as temporary:
             layers_profile.to_csv(temporary, index=False)
+    figure_layer = _figure_layer(config, record)
     record["statistics"] = {
         "model": "L1-penalised logistic regression per neuron (statsmodels' objective, exact "
         "optimum)",
-        "engine": fit_engine,
+        "engine": config.engine,
         "alpha": config.alpha,
         "train_contexts": int(fits.train_mask.sum()),
         "test_contexts": int((~fits.train_mask).sum()),
@@ -689,7 +779,7 @@ def _statistics_and_figures(
         "model, chi-square with 1 degree of freedom",
         "correction": config.correction,
         "significance": config.significance,
-        "threshold": float(neurons["threshold"].iloc[0]),
+        "pvalue_threshold": float(neurons["pvalue_threshold"].iloc[0]),
         "significant_neurons": int(neurons["significant"].sum()),
         "significant_shuffled": (
             int(neurons["significant_shuffled"].sum())
@@ -700,25 +790,51 @@ def _statistics_and_figures(
         "not_converged": int((~fits.converged).sum()),
         "constant_neurons": int(fits.constant.sum()),
         "separated_neurons": int(fits.separated.sum()),
+        "figure_layer": figure_layer,
     }
 
     with _timed(timings, "figures"):
-        pvalue = "pvalue" if config.test == "wald" else "pvalue_lr"
-        figures = {
-            f"neurons_layer{config.figure_layer}": neuron_figure(
-                neurons, config.figure_layer, config.contrast.negative_name, pvalue=pvalue
-            ),
-            f"accuracy_layer{config.figure_layer}": accuracy_figure(neurons, config.figure_layer),
-            "layers": layers_figure(layers_profile),
-        }
-        if "percent_significant_shuffled" in layers_profile.columns:
-            figures["control"] = control_figure(layers_profile)
+        figures = make_figures(config, neurons, layers_profile, figure_layer)
         for name, figure in figures.items():
             save_figure(figure, directory / rundir.FIGURES / name)
-            # The caller keeps the Figure; pyplot need not (a long session would pile them up).
-            plt.close(figure)
+    record["statistics"]["figures"] = sorted(figures)
     record["stages"].update(activations="complete", statistics="complete", figures="complete")
     return neurons, layers_profile, figures
+
+
+def _figure_layer(config: RunConfig, record: dict[str, Any]) -> int:
+    """The per-neuron figures' layer, among the layers ``record`` says were recorded."""
+    return config.resolved_figure_layer(
+        list(record["activations"]["layers"]), record.get("model", {}).get("layers")
+    )
+
+
+def make_figures(
+    config: RunConfig, neurons: pd.DataFrame, layers_profile: pd.DataFrame, figure_layer: int
+) -> dict[str, Any]:
+    """The run's figures (matplotlib ``Figure`` objects, by file name) from its tables.
+
+    The notebook's three (``neurons_layer{L}``, ``accuracy_layer{L}``, ``layers``) and, where
+    the tables hold the shuffled-label control, ``control``. pyplot does not keep them: the
+    caller owns them (a long session would otherwise pile them up).
+    """
+    import matplotlib.pyplot as plt
+
+    from neuronprobe.figures import accuracy_figure, control_figure, layers_figure, neuron_figure
+
+    pvalue = "pvalue" if config.test == "wald" else "pvalue_lr"
+    figures = {
+        f"neurons_layer{figure_layer}": neuron_figure(
+            neurons, figure_layer, config.contrast.negative_name, pvalue=pvalue
+        ),
+        f"accuracy_layer{figure_layer}": accuracy_figure(neurons, figure_layer),
+        "layers": layers_figure(layers_profile),
+    }
+    if "percent_significant_shuffled" in layers_profile.columns:
+        figures["control"] = control_figure(layers_profile)
+    for figure in figures.values():
+        plt.close(figure)
+    return figures
 
 
 def probe(out: Path | str, *, progress: bool = False, **changes: Any) -> RunResult:
@@ -727,21 +843,16 @@ def probe(out: Path | str, *, progress: bool = False, **changes: Any) -> RunResu
     ``neuronprobe probe --out RUN_DIR``: reads ``run.json``, ``contexts.parquet`` and
     ``activations.npy`` from ``out``, applies ``changes`` (any of
     :data:`STATISTICS_SETTINGS`: a new alpha, correction, test, seed...), refits every neuron
-    and rewrites the tables, figures and ``run.json``.  The tables and figures it replaces,
-    when the settings differ, are first moved to ``history/<time of the earlier statistics>/``:
-    a refit never destroys earlier results.
+    and rewrites the tables, figures and ``run.json``.  The tables, figures and ``run.json`` it
+    replaces are first copied to ``history/<time>-refit/``: a refit never destroys earlier
+    results.  Refuses, in one line, a run whose contexts or activations are missing or damaged.
 
     ``statistics_seed`` changes the split, folds and shuffled labels but not which contexts
     were sampled (those are in ``contexts.parquet``, drawn with ``seed``).
     """
     directory = Path(out)
     record = read_record(directory)
-    stages = record.get("stages", {})
-    if stages.get("activations") != "complete" or not (directory / rundir.ACTIVATIONS).is_file():
-        raise NeuronprobeError(
-            f"--out {directory} has no finished activations; finish the run first with "
-            f"`neuronprobe run --out {directory} --resume`."
-        )
+    require_stage(directory, record, "activations")
     unknown = sorted(set(changes) - set(STATISTICS_SETTINGS))
     if unknown:
         raise NeuronprobeError(
@@ -750,10 +861,7 @@ def probe(out: Path | str, *, progress: bool = False, **changes: Any) -> RunResu
         )
     config = RunConfig.from_dict({**record["config"], **changes})
     layers = list(record["activations"]["layers"])
-    if config.figure_layer not in layers:
-        raise NeuronprobeError(
-            f"--layer {config.figure_layer} is not among the recorded layers {layers}."
-        )
+    _figure_layer(config, record)  # or refuse a --layer that was not recorded
     with rundir.locked(directory):
         _archive_statistics(directory, record)
         contexts = load_contexts(directory / rundir.CONTEXTS)
@@ -790,22 +898,11 @@ def read_record(directory: Path) -> dict[str, Any]:
         ) from error
 
 
-def _history_folder(directory: Path, name: str) -> Path:
-    """``history/<name>`` in ``directory``, or ``history/<name>-2``, ``-3``... if that is taken."""
-    target = directory / "history" / name
-    suffix = 1
-    while target.exists():
-        suffix += 1
-        target = directory / "history" / f"{name}-{suffix}"
-    return target
-
-
 def _archive_statistics(directory: Path, record: dict[str, Any]) -> None:
-    """Move the current tables, figures and run.json to ``history/<finished>/``."""
+    """Copy the current tables, figures and run.json to ``history/<time>-refit/``."""
     if record.get("stages", {}).get("statistics") != "complete":
         return
-    stamp = str(record.get("finished", "unknown")).replace(":", "").replace("+0000", "")
-    target = _history_folder(directory, stamp)
+    target = rundir.history_folder(directory, "refit")
     # Copied into a temporary folder and renamed: history/ never holds a half-copied entry.
     with rundir.atomic_path(target) as temporary:
         temporary.mkdir()

@@ -38,9 +38,6 @@ from neuronprobe.errors import NeuronprobeError
 
 logger = logging.getLogger(__name__)
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
 # ----------------------------------------------------------------------------------------------
 # The report's two decisions
 # ----------------------------------------------------------------------------------------------
@@ -188,21 +185,34 @@ def _read_run(directory: Path) -> _Run:
                 f"{directory} has no {name} (run status: {record.get('status', 'unknown')}); "
                 f"finish the run with `neuronprobe run --out {directory}` first."
             )
-    neurons = pd.read_parquet(directory / rundir.NEURONS)
+    # What the page shows must be whole: a damaged file is named, never half-shown. The
+    # contexts and activations are optional (deleted to save space, the page shows less).
+    optional = [
+        name for name in (rundir.CONTEXTS, rundir.ACTIVATIONS) if (directory / name).exists()
+    ]
+    figure_files = rundir.figure_files(directory, record)
+    rundir.check_files(
+        directory,
+        [rundir.NEURONS, rundir.LAYERS, *optional, *figure_files],
+        record,
+        f"`neuronprobe run --out {directory} --resume` recomputes it",
+    )
+    # Run directories written before the column was renamed call it "threshold".
+    neurons = pd.read_parquet(directory / rundir.NEURONS).rename(
+        columns={"threshold": "pvalue_threshold"}
+    )
     layers = pd.read_csv(directory / rundir.LAYERS)
     contexts = None
-    if (directory / rundir.CONTEXTS).is_file():
+    if rundir.CONTEXTS in optional:
         contexts = pd.read_parquet(directory / rundir.CONTEXTS)
     activations = None
-    if (directory / rundir.ACTIVATIONS).is_file():
+    if rundir.ACTIVATIONS in optional:
         activations = np.load(directory / rundir.ACTIVATIONS, mmap_mode="r")
-    figures = []
-    for path in sorted((directory / rundir.FIGURES).glob("*.png"), key=_figure_order):
-        data = path.read_bytes()
-        if data.startswith(_PNG_SIGNATURE):
-            figures.append((path.stem, data))
-        else:
-            logger.warning("%s is not a PNG file; left out of the report", path)
+    figures = [
+        (path.stem, path.read_bytes())
+        for path in sorted((directory / rundir.FIGURES).glob("*.png"), key=_figure_order)
+        if f"{rundir.FIGURES}/{path.name}" in figure_files
+    ]
     return _Run(directory, record, neurons, layers, contexts, activations, figures)
 
 
@@ -716,6 +726,7 @@ def _section_question(run: _Run, facts: _Facts) -> str:
     config = run.record.get("config", {})
     target = contrast.get("target", facts.target)
     followers = contrast.get("positive_followers", [])
+    negative = contrast.get("negative_followers", [])
     excluded = contrast.get("excluded_followers", [])
     length = contrast.get("context_length")
     model = run.record.get("model", {}).get("name", config.get("model", "the model"))
@@ -723,13 +734,20 @@ def _section_question(run: _Run, facts: _Facts) -> str:
     rows = [
         ("target (last token of every context)", f"<code>{_text(repr(target))}</code>",
          f"<code>{_text(contrast.get('target_id', '–'))}</code>"),
-        (f"followers that make a context “{_text(facts.positive)}”",
-         ", ".join(f"<code>{_text(repr(f))}</code>" for f in followers) or "–",
-         f"<code>{_text(contrast.get('positive_ids', '–'))}</code>"),
-        (f"followers excluded from “{_text(facts.negative)}” (first tokens)",
-         ", ".join(f"<code>{_text(repr(f))}</code>" for f in excluded) or "–",
-         f"<code>{_text(contrast.get('excluded_ids', '–'))}</code>"),
     ]  # fmt: skip
+    # The positive followers; the negative ones, or the exclusions of the default negative
+    # rule (a contrast has one or the other, or neither).
+    for words, label, ids in (
+        (followers, f"followers that make a context “{_text(facts.positive)}”", "positive_ids"),
+        (negative, f"followers that make a context “{_text(facts.negative)}”", "negative_ids"),
+        (excluded, f"followers excluded from “{_text(facts.negative)}” (first tokens)",
+         "excluded_ids"),
+    ):  # fmt: skip
+        if words or ids == "positive_ids":
+            rows.append(
+                (label, ", ".join(f"<code>{_text(repr(f))}</code>" for f in words) or "–",
+                 f"<code>{_text(contrast.get(ids, '–'))}</code>")
+            )  # fmt: skip
     table = _table(["", "text", "token ids"], rows)
     return (
         f'<section id="question"><h2>{_SECTIONS[1][1]}</h2>'
@@ -750,6 +768,9 @@ _COUNT_LABELS = {
     "found_negative": "contexts found, {negative}",
     "duplicates_dropped_positive": "duplicates dropped, {positive}",
     "duplicates_dropped_negative": "duplicates dropped, {negative}",
+    "target_text_occurrences": "occurrences of the target's text (inside words too)",
+    "target_tokens": "target tokens in the documents scanned",
+    "targets_too_early": "target tokens skipped: fewer than context_length tokens before them",
     "kept_per_class": "contexts kept per class (balanced, seeded sample)",
     "contexts": "contexts analysed (both classes)",
     "positive_spellings": "{positive} contexts by spelling of the follower",
@@ -1002,7 +1023,7 @@ def _section_layers(run: _Run, facts: _Facts) -> str:
 
 def _section_caveats(run: _Run, facts: _Facts) -> str:
     statistics = run.record.get("statistics", {})
-    threshold = statistics.get("threshold", run.neurons["threshold"].iloc[0])
+    threshold = statistics.get("pvalue_threshold", run.neurons["pvalue_threshold"].iloc[0])
     items = [f"<b>Multiple comparisons.</b> {_correction_words(facts, threshold)}"]
     wald_use = (
         "This run's decisions use the Wald test, so these neurons' significance is doubtful; "

@@ -13,6 +13,9 @@ Layout of a run directory::
 
 Every file is written under a temporary name in the same folder and renamed into place
 (:func:`atomic_path`), so an interrupted run never leaves a complete-looking partial file.
+Files damaged afterwards (a full disk, a killed copy, an edit by hand) are found by
+:func:`file_problem`, which checks each file against what ``run.json`` says it holds; every
+stage checks the files it reads with :func:`check_files`.
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +40,7 @@ LAYERS = "layers.csv"
 RUN_JSON = "run.json"
 FIGURES = "figures"
 REPORT = "report.html"
+HISTORY = "history"
 
 _TEMPORARY = ".partial-"  # ".<name>.partial-<pid>": what atomic_path writes before renaming
 
@@ -83,7 +88,8 @@ def locked(directory: Path) -> Iterator[None]:
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise NeuronprobeError(f"--out {directory} is a file; name a folder for the run.")
-    created = not directory.exists()
+    # The folders this call creates, deepest first (``runs/<time>`` may create ``runs/`` too).
+    created = [p for p in (directory, *directory.parents) if not p.exists()]
     directory.mkdir(parents=True, exist_ok=True)
     try:
         if sys.platform == "win32":
@@ -105,8 +111,10 @@ def locked(directory: Path) -> Iterator[None]:
         finally:
             os.close(handle)  # closing releases the lock
     except BaseException:
-        if created and not any(directory.iterdir()):
-            directory.rmdir()  # bad input found before anything was written: leave no trace
+        # Bad input found before anything was written: leave no trace, not even an empty runs/.
+        for folder in created:
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
         raise
 
 
@@ -124,3 +132,169 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists():
         path.unlink()
+
+
+def history_folder(directory: Path, reason: str) -> Path:
+    """A new, free ``history/<UTC time>-<reason>`` folder name in ``directory`` (not created).
+
+    The one naming scheme of everything set aside: ``reason`` says what put it there
+    (``refit``: the statistics a ``neuronprobe probe`` replaced; ``replaced``: a whole run that
+    ``--force`` set aside). A second one in the same second gets ``-2``, ``-3``...
+    """
+    name = f"{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}-{reason}"
+    target = directory / HISTORY / name
+    suffix = 1
+    while target.exists():
+        suffix += 1
+        target = directory / HISTORY / f"{name}-{suffix}"
+    return target
+
+
+# ----------------------------------------------------------------------------------------------
+# Damaged files: each file checked against what run.json says it holds
+# ----------------------------------------------------------------------------------------------
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_END = b"IEND\xaeB`\x82"  # the last chunk of every complete PNG file, with its CRC
+#: Columns every table must have (a file with others is not the file the run wrote).
+_COLUMNS = {
+    CONTEXTS: ("context", "label", "document_id", "tokens", "text"),
+    NEURONS: ("layer", "neuron", "beta", "pvalue", "pvalue_adj", "significant"),
+    NEURONS_CSV: ("layer", "neuron", "beta", "pvalue", "pvalue_adj", "significant"),
+    LAYERS: ("layer", "neurons", "significant", "percent_significant"),
+}
+
+
+def file_problem(directory: Path, name: str, record: dict[str, Any]) -> str | None:
+    """What is wrong with the run file ``name`` in ``directory``, or None if it looks whole.
+
+    ``name`` is a file of the run directory (``contexts.parquet``, ``activations.npy``,
+    ``neurons.parquet``, ``figures/layers.png``...). A file is damaged when it is missing, is
+    not of its format (a Parquet footer, an ``.npy`` header, a PNG's last chunk, the end of an
+    SVG or of the HTML page), or does not hold what ``record`` (``run.json``) says: the
+    number of contexts, the activations' shape, one table row per neuron or layer. Content
+    is not hashed, so a file rewritten with the right shape but other numbers is not found.
+
+    Returns
+    -------
+    str or None
+        A few words that follow "the file is" (``missing``, ``truncated: 1,024 of 4,096
+        bytes``...), or None.
+    """
+    path = Path(directory) / name
+    if not path.is_file():
+        return "missing"
+    shape = record.get("activations", {}).get("shape")
+    contexts = record.get("counts", {}).get("contexts")
+    neurons = shape[0] * shape[2] if shape else None
+    try:
+        if name == ACTIVATIONS:
+            return npy_problem(path, shape)
+        if name in (CONTEXTS, NEURONS):
+            return _parquet_problem(path, contexts if name == CONTEXTS else neurons, _COLUMNS[name])
+        if name == NEURONS_CSV:
+            return _csv_problem(path, neurons, _COLUMNS[name])
+        if name == LAYERS:
+            return _csv_problem(path, shape[0] if shape else None, _COLUMNS[name])
+        if path.suffix == ".json":
+            read_json(path)
+            return None
+        if name == REPORT:
+            return None if _tail(path).rstrip().endswith(b"</html>") else "not a whole HTML page"
+        if path.suffix == ".png":
+            whole = path.read_bytes()
+            if not whole.startswith(_PNG_SIGNATURE):
+                return "not a PNG image"
+            return None if whole.endswith(_PNG_END) else "a truncated PNG image"
+        if path.suffix == ".svg":
+            return None if _tail(path).rstrip().endswith(b"</svg>") else "not a whole SVG image"
+    except (OSError, ValueError, UnicodeDecodeError) as error:
+        return f"unreadable ({' '.join(str(error).split())})"
+    return None
+
+
+def figure_files(directory: Path, record: dict[str, Any]) -> list[str]:
+    """The figure files of a run (``figures/<name>.png`` and ``.svg``): those ``run.json``
+    lists, or, for a run that lists none, those in ``figures/``."""
+    names = record.get("statistics", {}).get("figures")
+    if names is None:
+        found = sorted((Path(directory) / FIGURES).glob("*.png"))
+        names = [path.stem for path in found]
+    return [f"{FIGURES}/{name}.{ext}" for name in names for ext in ("png", "svg")]
+
+
+def check_files(directory: Path, names: Iterable[str], record: dict[str, Any], fix: str) -> None:
+    """Raise a one-line :class:`NeuronprobeError` naming the first damaged file of ``names``.
+
+    ``fix`` says what to do (the command that recomputes it).
+    """
+    for name in names:
+        problem = file_problem(directory, name, record)
+        if problem is not None:
+            raise NeuronprobeError(f"{Path(directory) / name} is {problem}; {fix}.")
+
+
+def _tail(path: Path, size: int = 64) -> bytes:
+    with open(path, "rb") as handle:
+        handle.seek(max(0, path.stat().st_size - size))
+        return handle.read()
+
+
+def npy_problem(path: Path, shape: Sequence[int] | None) -> str | None:
+    """What is wrong with an ``.npy`` file that should hold an array of ``shape`` (None: any
+    shape), or None: its header must read, and its size be the header's plus the data's."""
+    import numpy as np
+
+    with open(path, "rb") as handle:
+        try:
+            version = np.lib.format.read_magic(handle)
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            stored, _, dtype = read_header(handle)
+        except ValueError:
+            return "not an .npy array"
+        header = handle.tell()
+    if shape is not None and list(stored) != list(shape):
+        return f"of shape {list(stored)}, but run.json records {list(shape)}"
+    expected = header + int(np.prod(stored)) * dtype.itemsize
+    size = path.stat().st_size
+    if size != expected:
+        if size < expected:
+            return f"truncated: {size:,} of {expected:,} bytes"
+        return f"longer than its header says: {size:,} bytes where {expected:,} are expected"
+    return None
+
+
+def _parquet_problem(path: Path, rows: int | None, columns: Sequence[str]) -> str | None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        metadata = pq.read_metadata(path)
+        names = set(metadata.schema.to_arrow_schema().names)
+    except (pa.ArrowException, OSError) as error:
+        return f"not a readable Parquet file: {' '.join(str(error).split())}"
+    missing = [column for column in columns if column not in names]
+    if missing:
+        return f"without the column {missing[0]!r}"
+    if rows is not None and metadata.num_rows != rows:
+        return f"holding {metadata.num_rows:,} rows, but run.json records {rows:,}"
+    return None
+
+
+def _csv_problem(path: Path, rows: int | None, columns: Sequence[str]) -> str | None:
+    data = path.read_bytes()
+    header, _, _ = data.partition(b"\n")
+    names = header.decode("utf-8").strip().split(",")
+    missing = [column for column in columns if column not in names]
+    if missing:
+        return f"without the column {missing[0]!r} in its header"
+    if not data.endswith(b"\n"):
+        return "truncated: its last line is cut"
+    lines = data.count(b"\n")
+    if rows is not None and lines - 1 != rows:
+        return f"holding {lines - 1:,} rows, but run.json records {rows:,}"
+    return None

@@ -43,13 +43,21 @@ def neuron_table(
     -------
     pandas.DataFrame
         Columns ``layer, neuron, beta, intercept, beta_se, pvalue, pvalue_lr, pvalue_adj,
-        threshold, significant, direction, auc, train_acc, test_acc, [cv_acc], separated,
-        converged, constant, [pvalue_shuffled, pvalue_lr_shuffled, significant_shuffled]``.
-        ``pvalue_adj`` is the chosen test's p-value after the correction; ``significant`` is
-        the raw p-value below the layer's ``threshold`` (Bonferroni, strictly, as the
-        notebook) or at or below it (BH's cut-off), never where the p-value is NaN; ``direction`` is ``positive``
-        (beta > 0: higher activation -> positive class), ``negative`` or ``zero``;
-        ``significant_shuffled`` applies the same decision to the shuffled-label control.
+        pvalue_threshold, significant, direction, auc, train_acc, test_acc, [cv_acc],
+        separated, converged, constant, [pvalue_shuffled, pvalue_lr_shuffled,
+        significant_shuffled]``. Two scales, two pairs to compare:
+
+        - ``significant`` is decided on the raw scale: the deciding raw p-value (``pvalue``
+          for ``test="wald"``, ``pvalue_lr`` for ``"lr"``) below the layer's
+          ``pvalue_threshold`` (Bonferroni, strictly, as the notebook) or at or below it
+          (Benjamini-Hochberg's cut-off); never where the p-value is NaN.
+        - ``pvalue_adj`` is that p-value after the correction, on the scale of
+          ``significance``: compare it with ``significance`` (0.05), never with
+          ``pvalue_threshold``.
+
+        ``direction`` is ``positive`` (beta > 0: higher activation -> positive class),
+        ``negative`` or ``zero``; ``significant_shuffled`` applies the same decision to the
+        shuffled-label control.
     """
     if fits.beta.ndim != 2 or fits.beta.shape[0] != len(layers):
         raise ValueError(
@@ -62,7 +70,7 @@ def neuron_table(
     significant = _decide(raw, threshold, correction)
     at = table.columns.get_loc("pvalue_lr") + 1
     table.insert(at, "pvalue_adj", adjusted.ravel())
-    table.insert(at + 1, "threshold", np.repeat(threshold, fits.beta.shape[1]))
+    table.insert(at + 1, "pvalue_threshold", np.repeat(threshold, fits.beta.shape[1]))
     table.insert(at + 2, "significant", significant.ravel())
     direction = np.select(
         [table["beta"] > 0, table["beta"] < 0], ["positive", "negative"], default="zero"

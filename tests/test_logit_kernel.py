@@ -261,3 +261,34 @@ def test_intercept_only_optimum(alpha):
         else:  # KKT: n*sigmoid(b0) - n1 + alpha*sign(b0) = 0
             assert n * expit(b0) - n1 + alpha * np.sign(b0) == pytest.approx(0.0, abs=1e-9)
             assert np.sign(b0) == np.sign(n1 - n / 2)
+
+
+def test_a_kernel_compiled_afresh_gives_the_bits_of_the_cached_one(tmp_path: Path) -> None:
+    """The first run on a machine compiles the kernel (numba's cache is cold), later runs load
+    it from the cache: both must give the same bits, or a rerun does not reproduce a run.
+    (With fast-math reassociation the two differed in the last bits of some sums.)"""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; import numpy as np\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from test_logit_kernel import ALPHA, make_layer, split\n"
+        "from neuronprobe.logit_kernel import fit_layer\n"
+        "x, labels = make_layer(); train_idx, test_idx = split(labels)\n"
+        "np.savez(sys.argv[1], **fit_layer(x.astype(np.float32), labels, train_idx, test_idx,"
+        " alpha=ALPHA))\n"
+    )
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba-cache")}
+    for name in ("compiled", "cached"):
+        done = subprocess.run(
+            [sys.executable, "-c", script, str(tmp_path / f"{name}.npz")],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 0, done.stderr
+    assert any((tmp_path / "numba-cache").rglob("*.nbc"))  # the second run loaded the cache
+    compiled, cached = np.load(tmp_path / "compiled.npz"), np.load(tmp_path / "cached.npz")
+    assert_outputs_equal(dict(compiled), dict(cached))

@@ -90,3 +90,15 @@ def test_synopsis_names_every_option_and_only_real_ones() -> None:
         for option in action.option_strings
     }
     assert named <= real | {"--version"}, named - real
+
+
+def test_readme_config_file_example_loads(tmp_path: Path) -> None:
+    from neuronprobe.config import RunConfig
+
+    (block,) = re.findall(r"```toml\n(.*?)```", README, flags=re.DOTALL)
+    path = tmp_path / "my-run.toml"
+    path.write_text(block, encoding="utf-8")
+    config = RunConfig.from_file(path)
+    assert (config.seed, config.layers, config.correction) == (1, [0, 3, -1], "fdr-bh")
+    assert (config.contrast.target, config.contrast.positive_followers) == (" will", (" not",))
+    assert config.contrast.excluded_followers == ()

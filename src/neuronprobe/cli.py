@@ -243,15 +243,16 @@ def _add_ray_options(parser: argparse.ArgumentParser, with_engine: bool) -> None
     )
 
 
-def _add_engine_option(group: Any, default: str | None) -> None:
+def _add_engine_option(group: Any, default: str | None, *, ray_alias: bool = True) -> None:
     shown = "" if default is None else " (default %(default)s)"
     group.add_argument(
         "--engine",
-        choices=(*ENGINES, RAY_ALIAS),
+        choices=(*ENGINES, RAY_ALIAS) if ray_alias else ENGINES,
         default=default,
         help="how the statistics are fitted: fast (compiled CPU kernel, torch on a GPU), "
-        "torch, or statsmodels (the notebook's own call per neuron, slow); `--engine ray` is "
-        "an alias of `--executor ray`" + shown,
+        "torch, or statsmodels (the notebook's own call per neuron, slow)"
+        + ("; `--engine ray` is an alias of `--executor ray`" if ray_alias else "")
+        + shown,
     )
 
 
@@ -313,7 +314,10 @@ def _add_statistics_options(parser: argparse.ArgumentParser, defaults: RunConfig
         default=default("shuffled_control"),
         help="also fit on permuted labels: how many neurons pass by chance" + shown,
     )
-    _add_engine_option(group, None if defaults is None else defaults.engine)
+    # probe records nothing: no executor to choose, so no `--engine ray` there.
+    _add_engine_option(
+        group, None if defaults is None else defaults.engine, ray_alias=defaults is not None
+    )
     group.add_argument(
         "--layer",
         type=int,

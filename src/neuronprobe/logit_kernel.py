@@ -11,13 +11,16 @@ pass with memory traffic over all neurons; here each neuron's training values ar
 into a contiguous buffer that stays in the L1 cache for all its passes, and neurons run in
 parallel over the cores (``numba.prange``).
 
-Two details keep the passes fast *and* exact to float64 rounding:
+Three details keep the passes fast, exact to float64 rounding and reproducible:
 
 * ``exp`` and ``log1p`` are evaluated with polynomial code the compiler vectorises (numba's
   ``math.exp`` is a scalar library call, ~4x slower here): ``exp(-a)`` by Cody-Waite range
   reduction and a degree-13 Taylor polynomial (|r| <= ln2/2, error < 2e-16 relative), the
   power of two built from its bits; ``log1p(e)`` for ``e`` in [0, 1] as ``2*atanh(e/(2+e))``
   (17 series terms, error < 1e-16 relative).
+* Every sum is taken in a fixed order (four interleaved partial sums, no fast-math
+  reassociation), so a kernel compiled afresh and the same kernel loaded from numba's cache
+  give the same bits.
 * The Hessian is kept in the factored form ``h00 = sum w``, ``xbar = sum w x / h00``,
   ``spread = sum w (x - xbar)^2`` computed from values centred at their mean, so that
   ``det H = h00*spread`` has no cancellation even for neurons with a large offset.
@@ -59,11 +62,13 @@ _MLE_TOL = 1e-7
 #: Newton decrement below which the next unpenalised pass also computes the log-likelihood.
 _LAST_STEP_DECREMENT = 1e-6
 
-# Element-wise loops may contract and use approximate-free fast flags but must not reassociate:
-# Cody-Waite's two-part subtraction would lose its accuracy.  Reductions need 'reassoc' to
-# vectorise; their order is then fixed by the compiled code (same machine, same result).
+# Fast-math flags without 'reassoc' (or 'arcp'): Cody-Waite's two-part subtraction would lose
+# its accuracy, and a reduction the compiler may reassociate is summed in an order that depends
+# on how the code around it was compiled: a function compiled afresh (a cold numba cache) and
+# the same function loaded from the cache gave results that differ in the last bits, so the
+# first run on a machine did not reproduce the next. Sums are written with four interleaved
+# partial sums instead (:func:`_sum`): a fixed order, and still four independent chains.
 _ELEMENTWISE = {"nnan", "ninf", "nsz", "contract"}
-_REDUCE = {"nnan", "ninf", "nsz", "contract", "reassoc", "arcp"}
 _JIT: dict[str, Any] = {"error_model": "numpy", "cache": True, "nogil": True}
 
 #: Names and dtypes of the per-neuron arrays returned by :func:`fit_layer`.
@@ -125,34 +130,17 @@ def _power_of_two(scale: np.ndarray) -> None:
         bits[i] = (bits[i] - _EXP_BIAS_BITS) << 52
 
 
-@numba.njit(fastmath=_REDUCE, **_JIT)
-def _sums(
+@numba.njit(fastmath=_ELEMENTWISE, **_JIT)
+def _loss_terms(
     x: np.ndarray, y: np.ndarray, b0: float, b1: float, e: np.ndarray, scale: np.ndarray
-) -> tuple[float, float, float, float, float, float, float]:
-    """One pass at ``(b0, b1)``: loss, gradient and Hessian sums of ``-loglik``.
-
-    ``x`` is centred (the caller's ``b0`` is the intercept *for centred x*).  Returns
-    ``(loss, g0, g1, s0, s1, s2, abs_g1)``: ``loss = -loglik``, ``g = sum (p - y) [1, x]``,
-    ``s_k = sum w x^k`` with ``w = p (1 - p)``, and ``abs_g1 = sum |(p - y) x|``.
-    """
-    loss = 0.0
-    g0 = 0.0
-    g1 = 0.0
-    s0 = 0.0
-    s1 = 0.0
-    s2 = 0.0
-    abs_g1 = 0.0
+) -> None:
+    """``scale_i <- ee_i = exp(-|eta_i|) = e_i * scale_i`` and ``e_i <- softplus(eta_i) -
+    y_i eta_i``, the context's share of ``-loglik``."""
     for i in range(x.shape[0]):
-        xi = x[i]
-        eta = b0 + b1 * xi
-        ee = e[i] * scale[i]  # exp(-|eta|), in (0, 1]
-        inv = 1.0 / (1.0 + ee)
-        pos = eta >= 0.0
-        p = (1.0 if pos else ee) * inv  # sigmoid(eta)
-        q = (ee if pos else 1.0) * inv  # 1 - sigmoid(eta), without cancellation
+        eta = b0 + b1 * x[i]
         yi = y[i]
-        r = q * -1.0 if yi > 0.5 else p  # p - y
-        w = ee * inv * inv
+        ee = e[i] * scale[i]
+        scale[i] = ee
         # log1p(ee) = 2*atanh(t), t = ee/(2 + ee) in [0, 1/3]
         t = ee / (2.0 + ee)
         z = t * t
@@ -175,45 +163,138 @@ def _sums(
         c = c * z + 1.0 / 3.0
         c = c * z + 1.0
         # softplus(eta) - y*eta = max(eta, 0) - y*eta + log1p(exp(-|eta|)), both parts >= 0
-        linear = (1.0 - yi) * eta if pos else -yi * eta
-        loss += linear + 2.0 * t * c
-        g0 += r
-        g1 += r * xi
-        abs_g1 += abs(r * xi)
-        s0 += w
-        s1 += w * xi
-        s2 += w * xi * xi
+        linear = (1.0 - yi) * eta if eta >= 0.0 else -yi * eta
+        e[i] = linear + 2.0 * t * c
+
+
+@numba.njit(fastmath=_ELEMENTWISE, **_JIT)
+def _residuals_and_weights(
+    x: np.ndarray, y: np.ndarray, b0: float, b1: float, ee: np.ndarray, r: np.ndarray
+) -> None:
+    """From ``ee_i = exp(-|eta_i|)``: ``r_i = p_i - y_i`` (``p = sigmoid(eta)``, without
+    cancellation) and, in place of ``ee_i``, ``w_i = p_i (1 - p_i) = ee_i / (1 + ee_i)^2``."""
+    for i in range(x.shape[0]):
+        inv = 1.0 / (1.0 + ee[i])
+        pos = b0 + b1 * x[i] >= 0.0
+        p = (1.0 if pos else ee[i]) * inv  # sigmoid(eta)
+        q = (ee[i] if pos else 1.0) * inv  # 1 - sigmoid(eta)
+        r[i] = q * -1.0 if y[i] > 0.5 else p
+        ee[i] = ee[i] * inv * inv
+
+
+@numba.njit(fastmath=_ELEMENTWISE, **_JIT)
+def _exp_products(e: np.ndarray, scale: np.ndarray) -> None:
+    """``scale_i <- exp(-|eta_i|) = e_i * scale_i``, in place."""
+    for i in range(e.shape[0]):
+        scale[i] = e[i] * scale[i]
+
+
+@numba.njit(fastmath=_ELEMENTWISE, **_JIT)
+def _sum(v: np.ndarray) -> float:
+    """``sum v`` in a fixed order (four interleaved partial sums): the same bits however the
+    code around it is compiled (see ``_ELEMENTWISE``)."""
+    n = v.shape[0]
+    m = n - n % 4
+    a0 = 0.0
+    a1 = 0.0
+    a2 = 0.0
+    a3 = 0.0
+    for i in range(0, m, 4):
+        a0 += v[i]
+        a1 += v[i + 1]
+        a2 += v[i + 2]
+        a3 += v[i + 3]
+    for i in range(m, n):
+        a0 += v[i]
+    return (a0 + a1) + (a2 + a3)
+
+
+@numba.njit(fastmath=_ELEMENTWISE, **_JIT)
+def _moments(v: np.ndarray, x: np.ndarray, absolute: bool) -> tuple[float, float, float]:
+    """``(sum v, sum v x, sum |v x|)`` (``absolute``) or ``(sum v, sum v x, sum v x^2)``, each
+    in the fixed order of :func:`_sum`."""
+    if absolute:
+        return _lane_moments(v, x, True)
+    return _lane_moments(v, x, False)
+
+
+@numba.njit(fastmath=_ELEMENTWISE, **_JIT)
+def _lane_moments(v: np.ndarray, x: np.ndarray, absolute: bool) -> tuple[float, float, float]:
+    n = v.shape[0]
+    m = n - n % 4
+    a0 = a1 = a2 = a3 = 0.0
+    b0 = b1 = b2 = b3 = 0.0
+    c0 = c1 = c2 = c3 = 0.0
+    for i in range(0, m, 4):
+        v0 = v[i]
+        v1 = v[i + 1]
+        v2 = v[i + 2]
+        v3 = v[i + 3]
+        x0 = v0 * x[i]
+        x1 = v1 * x[i + 1]
+        x2 = v2 * x[i + 2]
+        x3 = v3 * x[i + 3]
+        a0 += v0
+        a1 += v1
+        a2 += v2
+        a3 += v3
+        b0 += x0
+        b1 += x1
+        b2 += x2
+        b3 += x3
+        c0 += abs(x0) if absolute else x0 * x[i]
+        c1 += abs(x1) if absolute else x1 * x[i + 1]
+        c2 += abs(x2) if absolute else x2 * x[i + 2]
+        c3 += abs(x3) if absolute else x3 * x[i + 3]
+    for i in range(m, n):
+        xi = v[i] * x[i]
+        a0 += v[i]
+        b0 += xi
+        c0 += abs(xi) if absolute else xi * x[i]
+    return (a0 + a1) + (a2 + a3), (b0 + b1) + (b2 + b3), (c0 + c1) + (c2 + c3)
+
+
+@numba.njit(**_JIT)
+def _sums(
+    x: np.ndarray, y: np.ndarray, b0: float, b1: float, e: np.ndarray, scale: np.ndarray
+) -> tuple[float, float, float, float, float, float, float]:
+    """One pass at ``(b0, b1)``: loss, gradient and Hessian sums of ``-loglik``.
+
+    ``x`` is centred (the caller's ``b0`` is the intercept *for centred x*); ``e`` and
+    ``scale`` hold :func:`_exp_neg_abs`'s factors and are overwritten.  Returns
+    ``(loss, g0, g1, s0, s1, s2, abs_g1)``: ``loss = -loglik``, ``g = sum (p - y) [1, x]``,
+    ``s_k = sum w x^k`` with ``w = p (1 - p)``, and ``abs_g1 = sum |(p - y) x|``.
+    """
+    _loss_terms(x, y, b0, b1, e, scale)  # scale: exp(-|eta|); e: the loss terms
+    loss = _sum(e)
+    g0, g1, s0, s1, s2, abs_g1 = _grad_sums_of(x, y, b0, b1, scale, e)
     return loss, g0, g1, s0, s1, s2, abs_g1
 
 
-@numba.njit(fastmath=_REDUCE, **_JIT)
+@numba.njit(**_JIT)
 def _grad_sums(
     x: np.ndarray, y: np.ndarray, b0: float, b1: float, e: np.ndarray, scale: np.ndarray
 ) -> tuple[float, float, float, float, float, float, float]:
     """:func:`_sums` without the loss (the log-likelihood's ``log1p``): ``loss`` is NaN."""
-    g0 = 0.0
-    g1 = 0.0
-    s0 = 0.0
-    s1 = 0.0
-    s2 = 0.0
-    abs_g1 = 0.0
-    for i in range(x.shape[0]):
-        xi = x[i]
-        eta = b0 + b1 * xi
-        ee = e[i] * scale[i]
-        inv = 1.0 / (1.0 + ee)
-        pos = eta >= 0.0
-        p = (1.0 if pos else ee) * inv
-        q = (ee if pos else 1.0) * inv
-        r = q * -1.0 if y[i] > 0.5 else p
-        w = ee * inv * inv
-        g0 += r
-        g1 += r * xi
-        abs_g1 += abs(r * xi)
-        s0 += w
-        s1 += w * xi
-        s2 += w * xi * xi
+    _exp_products(e, scale)
+    g0, g1, s0, s1, s2, abs_g1 = _grad_sums_of(x, y, b0, b1, scale, e)
     return math.nan, g0, g1, s0, s1, s2, abs_g1
+
+
+@numba.njit(**_JIT)
+def _grad_sums_of(
+    x: np.ndarray, y: np.ndarray, b0: float, b1: float, ee: np.ndarray, work: np.ndarray
+) -> tuple[float, float, float, float, float, float]:
+    """``(g0, g1, s0, s1, s2, abs_g1)`` from ``ee = exp(-|eta|)`` (overwritten, as ``work``).
+
+    Element-wise passes, then sums in a fixed order: a reduction the compiler may reassociate
+    gives other bits when the same code is compiled again (a cold numba cache) than when it is
+    loaded from the cache, and the run's results must not depend on that.
+    """
+    _residuals_and_weights(x, y, b0, b1, ee, work)
+    g0, g1, abs_g1 = _moments(work, x, True)
+    s0, s1, s2 = _moments(ee, x, False)
+    return g0, g1, s0, s1, s2, abs_g1
 
 
 @numba.njit(**_JIT)
@@ -526,7 +607,7 @@ def _solve_mle(
     return -loss, converged
 
 
-@numba.njit(fastmath=_REDUCE, **_JIT)
+@numba.njit(fastmath=_ELEMENTWISE, **_JIT)
 def _raw_auc(values_pos: np.ndarray, values_neg: np.ndarray) -> float:
     """``P(x_pos > x_neg) + P(x_pos == x_neg)/2`` over all pairs (Mann-Whitney AUC)."""
     n_pos = values_pos.shape[0]
@@ -563,7 +644,7 @@ def _all_finite(values: np.ndarray) -> bool:
     return True
 
 
-@numba.njit(fastmath=_REDUCE, **_JIT)
+@numba.njit(fastmath=_ELEMENTWISE, **_JIT)
 def _range_stats(values: np.ndarray) -> tuple[float, float, float]:
     """``(sum, min, max)`` of a non-empty vector."""
     total = 0.0
@@ -577,7 +658,7 @@ def _range_stats(values: np.ndarray) -> tuple[float, float, float]:
     return total, lo, hi
 
 
-@numba.njit(fastmath=_REDUCE, **_JIT)
+@numba.njit(fastmath=_ELEMENTWISE, **_JIT)
 def _centred_stats(
     values: np.ndarray, centre: float, xc: np.ndarray
 ) -> tuple[float, float, float, float]:
@@ -597,7 +678,7 @@ def _centred_stats(
     return sum_abs, sum_c, abs_c, sum_sq
 
 
-@numba.njit(fastmath=_REDUCE, **_JIT)
+@numba.njit(fastmath=_ELEMENTWISE, **_JIT)
 def _count_positive(values: np.ndarray, b0: float, b1: float) -> int:
     """How many ``b0 + b1*x > 0`` (the notebook's ``predict(X) > .5``)."""
     count = 0

@@ -373,3 +373,27 @@ def test_ray_engine_gives_the_single_process_run(
         "fast",
         "ray",
     )
+
+
+def test_a_run_written_before_threshold_was_renamed_still_reads(
+    tiny_run: Any, tmp_path: Path
+) -> None:
+    """Run directories from before `pvalue_threshold` hold a `threshold` column: the report and
+    a rerun that reuses their statistics read them."""
+    import shutil
+
+    from neuronprobe.pipeline import report
+
+    out = tmp_path / "old"
+    shutil.copytree(tiny_run.directory, out)
+    neurons = pd.read_parquet(out / "neurons.parquet").rename(
+        columns={"pvalue_threshold": "threshold"}
+    )
+    neurons.to_parquet(out / "neurons.parquet", index=False)
+    record = json.loads((out / "run.json").read_text())
+    record["statistics"]["threshold"] = record["statistics"].pop("pvalue_threshold")
+    (out / "run.json").write_text(json.dumps(record))
+    assert report(out).is_file()
+    again = run(RunConfig.from_dict(record["config"]), out, progress=False)
+    assert "pvalue_threshold" in again.neurons.columns
+    assert set(again.figures) == set(FIGURES)

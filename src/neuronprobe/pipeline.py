@@ -667,7 +667,7 @@ def _statistics_and_report(
     outputs: tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]
     if "statistics" in finished:
         logger.info("reusing the statistics in %s", directory / rundir.NEURONS)
-        neurons = pd.read_parquet(directory / rundir.NEURONS)
+        neurons = rundir.read_neurons(directory)
         layers_profile = pd.read_csv(directory / rundir.LAYERS)
         # The same figures as figures/ holds, drawn again from the tables (not saved).
         figures = make_figures(config, neurons, layers_profile, _figure_layer(config, record))

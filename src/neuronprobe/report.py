@@ -197,10 +197,7 @@ def _read_run(directory: Path) -> _Run:
         record,
         f"`neuronprobe run --out {directory} --resume` recomputes it",
     )
-    # Run directories written before the column was renamed call it "threshold".
-    neurons = pd.read_parquet(directory / rundir.NEURONS).rename(
-        columns={"threshold": "pvalue_threshold"}
-    )
+    neurons = rundir.read_neurons(directory)
     layers = pd.read_csv(directory / rundir.LAYERS)
     contexts = None
     if rundir.CONTEXTS in optional:

@@ -134,6 +134,15 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def read_neurons(directory: Path) -> Any:
+    """``neurons.parquet`` as a DataFrame (runs written before ``threshold`` was renamed
+    ``pvalue_threshold`` are read with the new name)."""
+    import pandas as pd
+
+    table = pd.read_parquet(Path(directory) / NEURONS)
+    return table.rename(columns={"threshold": "pvalue_threshold"})
+
+
 def history_folder(directory: Path, reason: str) -> Path:
     """A new, free ``history/<UTC time>-<reason>`` folder name in ``directory`` (not created).
 

@@ -70,9 +70,7 @@ def resolve_device(device: str = "auto") -> Any:
     try:
         resolved = torch.device(device)
     except RuntimeError as error:
-        raise NeuronprobeError(
-            f"--device {device!r} is not a torch device; use auto, cpu, cuda, cuda:N or mps."
-        ) from error
+        raise _not_a_device(device) from error
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise NeuronprobeError(f"--device {device!r}: no CUDA GPU is available; use --device cpu.")
     if resolved.type == "mps" and not torch.backends.mps.is_available():
@@ -333,9 +331,7 @@ def check_model(name: str, device: str = "auto") -> None:
     from neuronprobe.activations import architecture_for
 
     if not re.fullmatch(_DEVICE, device):
-        raise NeuronprobeError(
-            f"--device {device!r} is not a torch device; use auto, cpu, cuda, cuda:N or mps."
-        )
+        raise _not_a_device(device)
     path = Path(name).expanduser()
     if name == SMOLLM2:
         smollm2_gguf_path()
@@ -349,6 +345,12 @@ def check_model(name: str, device: str = "auto") -> None:
             architecture_for(model_type)
     elif not _in_hub_cache(name) and not hub_reachable():
         raise _not_found_offline(name)
+
+
+def _not_a_device(device: str) -> NeuronprobeError:
+    return NeuronprobeError(
+        f"--device {device!r} is not a torch device; use auto, cpu, cuda, cuda:N or mps."
+    )
 
 
 def _not_a_model_folder(name: str) -> NeuronprobeError:

@@ -94,6 +94,8 @@ _SNIFF_BYTES = 8192
 _CHECKED_FILES = 100
 _CHECKED_BYTES = 1 << 16
 _HF_FORM = f"{HF_PREFIX}owner/name[:config[:split]][@revision]"
+#: How a user names the text column, in the errors about it.
+_TEXT_COLUMN_OPTION = "--text-column (text_column in a config file)"
 _CHOICES = (
     f"{', '.join(CORPORA)}, {_HF_FORM}, {STDIN} (standard input), "
     f"or a file or folder ({', '.join(SUPPORTED_SUFFIXES)})"
@@ -496,7 +498,7 @@ def _check_not_binary(label: str, head: bytes) -> None:
 def _missing_column(label: str, column: str, found: list[str]) -> NeuronprobeError:
     return NeuronprobeError(
         f"{label} has no column {column!r}; the columns found are {found}; "
-        "name the one holding the text with --text-column (text_column in a config file)."
+        f"name the one holding the text with {_TEXT_COLUMN_OPTION}."
     )
 
 
@@ -513,7 +515,7 @@ def _record_text(record: Any, column: str, label: str) -> str | None:
     if text is not None and not isinstance(text, str):
         raise NeuronprobeError(
             f"{label}: column {column!r} holds a {type(text).__name__}, not text; "
-            "name the column holding the text with --text-column (text_column in a config file)."
+            f"name the column holding the text with {_TEXT_COLUMN_OPTION}."
         )
     return text
 
@@ -600,7 +602,7 @@ def _parquet_documents(path: Path, label: str, rel: str, column: str) -> Iterato
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
         raise NeuronprobeError(
             f"{label}: column {column!r} holds {kind}, not text; "
-            "name the column holding the text with --text-column (text_column in a config file)."
+            f"name the column holding the text with {_TEXT_COLUMN_OPTION}."
         )
     row = 0
     for batch in parquet.iter_batches(batch_size=1024, columns=[column]):

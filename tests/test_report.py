@@ -30,7 +30,7 @@ import pytest
 from neuronprobe import RunConfig, run
 from neuronprobe.errors import NeuronprobeError
 from neuronprobe.figures import control_figure
-from neuronprobe.report import example_contexts, top_neurons, write_report
+from neuronprobe.report import SECTIONS, example_contexts, top_neurons, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 DATA_URI = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
@@ -315,6 +315,93 @@ def test_corpus_text_is_shown_as_text_never_as_markup_or_link(
     assert "https:&#47;&#47;example.com/a?b=1&amp;c=&lt;script&gt;" in page
     assert "&lt;/script&gt; http:&#47;&#47;x.org I <mark>can</mark>" in page
     assert ">&lt;b&gt;</span>" in page
+
+
+def test_markup_and_template_syntax_in_the_data_are_shown_as_text(
+    tiny_run: Any, tmp_path: Path
+) -> None:
+    """The page is a Jinja2 template: text from the corpus or run.json that holds a script, a
+    Jinja expression or a Jinja statement is shown as those characters, never run or rendered."""
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_run.directory, copy)
+    contexts = pd.read_parquet(copy / "contexts.parquet")
+    hostile = "<script>alert(1)</script> {{ 7 * 7 }} {% if true %}yes{% endif %} {# c #} I can"
+    contexts["text"] = hostile
+    contexts["document_id"] = "{{ config }}<i>"
+    contexts.to_parquet(copy / "contexts.parquet", index=False)
+    record = json.loads((copy / "run.json").read_text())
+    record["contrast"]["description"] = "{% raw %}<b>bold</b>{{ 6 * 7 }}"
+    record["model"]["name"] = "{{ 1 + 1 }}</title><script>x</script>"
+    (copy / "run.json").write_text(json.dumps(record))
+    page = write_report(copy, top=2, examples=2).read_text(encoding="utf-8")
+    assert "<script" not in page.lower() and "}}<i>" not in page and "<b>bold" not in page
+    shown = (
+        "&lt;script&gt;alert(1)&lt;/script&gt; {{ 7 * 7 }} {% if true %}yes{% endif %} {# c #} "
+        "I <mark>can</mark>"
+    )
+    assert page.count(f'<span class="ctx">{shown}') == 2 * 2 * 2  # 2 neurons x 2 ends x 2
+    assert page.count("<code>{{ config }}&lt;i&gt;</code>") == 2 * 2 * 2
+    assert "<i>{% raw %}&lt;b&gt;bold&lt;/b&gt;{{ 6 * 7 }}</i>" in section(page, "question")
+    title = "neuronprobe: which neurons of {{ 1 + 1 }}&lt;/title&gt;&lt;script&gt;x&lt;/script&gt;"
+    assert f"<title>{title}" in page and f"<h1>{title}" in page
+
+
+def test_a_section_is_a_partial_and_a_function(
+    tiny_run: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """report.SECTIONS is the page's plan: a new partial and its function appear where they are
+    listed, in the body and the contents, with no edit to the skeleton; None leaves one out."""
+    import jinja2
+
+    from neuronprobe import report
+
+    (tmp_path / "sections").mkdir()
+    (tmp_path / "sections" / "extra.html.j2").write_text(
+        "<p>{{ data.sentence }} of {{ facts.total|count }} neurons.</p>\n", encoding="utf-8"
+    )
+    environment = report._environment()
+    assert environment.autoescape is True
+    extended = environment.overlay(
+        loader=jinja2.ChoiceLoader([environment.loader, jinja2.FileSystemLoader(tmp_path)])
+    )
+    monkeypatch.setattr(report, "_environment", lambda: extended)
+    sections = (
+        report.SECTIONS[0],
+        report.Section(
+            "extra", "An extra section", lambda run, facts, options: {"sentence": "<b>"}
+        ),
+        report.Section("absent", "Never shown", lambda run, facts, options: None),
+        *report.SECTIONS[1:],
+    )
+    monkeypatch.setattr(report, "SECTIONS", sections)
+    copy = tmp_path / "copy"  # the module's run keeps its report for the tests after this one
+    shutil.copytree(tiny_run.directory, copy)
+    page = write_report(copy, top=1, examples=1).read_text(encoding="utf-8")
+    shown = [s.anchor for s in sections if s.anchor != "absent"]
+    assert re.findall(r'<section id="([a-z]+)">', page) == shown
+    assert re.findall(r'<li><a href="#([a-z]+)">', page) == shown
+    assert section(page, "extra") == (
+        '<section id="extra"><h2>An extra section</h2>\n<p>&lt;b&gt; of 512 neurons.</p>\n'
+    )
+    assert "absent" not in page and "Never shown" not in page
+
+
+def test_the_templates_are_package_data() -> None:
+    """A wheel carries the templates: pyproject's package-data globs match every file of
+    src/neuronprobe/templates (a template missing from them would break pip-installed reports)."""
+    import tomllib
+
+    root = Path(__file__).parents[1]
+    package = root / "src" / "neuronprobe"
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"
+    ]["neuronprobe"]
+    covered = {path for pattern in globs for path in package.glob(pattern)}
+    files = {path for path in (package / "templates").rglob("*") if path.is_file()}
+    assert files and files == covered
+    assert {p.name for p in (package / "templates" / "sections").glob("*.j2")} == {
+        f"{s.anchor}.html.j2" for s in SECTIONS
+    }
 
 
 def test_a_directory_without_results_is_refused(tiny_run: Any, tmp_path: Path) -> None:

@@ -332,3 +332,88 @@ def test_position_picks_a_token_counted_from_the_end_or_the_start(tiny_gpt2_dir:
         NeuronprobeError, match=r"position 3 is outside the shortest context \(3 tokens\)"
     ):
         extract_activations(model, rows, position=3, progress=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# The model's own answer, from the same forward pass
+# ----------------------------------------------------------------------------------------------
+
+
+def _plain_logprob(model: Any, tokens: np.ndarray, ids: list[int]) -> np.ndarray:
+    """log P(ids) and log(1 - P) at the last token, from a plain forward pass of all positions."""
+    with torch.inference_mode():
+        logits = model(torch.as_tensor(tokens)).logits[:, -1].double()
+    logp = torch.log_softmax(logits, dim=-1)
+    positive = torch.logsumexp(logp[:, ids], dim=-1)
+    rest = torch.ones(logits.shape[-1], dtype=torch.bool)
+    rest[ids] = False
+    return torch.stack([positive, torch.logsumexp(logp[:, rest], dim=-1)], dim=-1).numpy()
+
+
+@pytest.mark.parametrize("which", ["gpt2", "smollm2"])
+def test_the_models_answer_equals_a_plain_forward_pass(
+    which: str, tiny_gpt2_dir: Path, smollm2: Any
+) -> None:
+    from neuronprobe.activations import logodds
+
+    model = (load_model(str(tiny_gpt2_dir), device="cpu") if which == "gpt2" else smollm2).model
+    tokens = random_contexts(model.config.vocab_size, n=6, seed=4)
+    ids = [470, 17, 1000]  # several first tokens: their probabilities add up
+    answer = np.zeros((6, 2))
+    shapes: list[tuple[int, ...]] = []
+    head = model.get_output_embeddings()
+    with hooked(head, lambda _m, args, _out: shapes.append(tuple(args[0].shape))):
+        both = extract_activations(
+            model, tokens, layers=[0], batch_size=4, progress=False, positive_ids=ids,
+            logprob_out=answer,
+        )  # fmt: skip
+    # The LM head ran once per batch, at the last position only: [batch, 1, d_model].
+    assert [shape[:2] for shape in shapes] == [(4, 1), (2, 1)]
+    expected = _plain_logprob(model, tokens, ids)
+    np.testing.assert_allclose(answer, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(logodds(answer), expected[:, 0] - expected[:, 1], atol=1e-4)
+    # P + (1 - P) = 1: the two columns are complementary.
+    np.testing.assert_allclose(np.exp(answer).sum(axis=1), 1.0, rtol=1e-12)
+    alone = extract_activations(model, tokens, layers=[0], batch_size=4, progress=False)
+    np.testing.assert_array_equal(both, alone)  # the activations do not change
+    with pytest.raises(NeuronprobeError, match="not all ids of this model's vocabulary"):
+        extract_activations(
+            model, tokens, progress=False, positive_ids=[10**7], logprob_out=np.zeros((6, 2))
+        )
+
+
+def test_an_interrupted_extraction_resumes_the_models_answer_too(
+    tiny_gpt2_dir: Path, tmp_path: Path
+) -> None:
+    from neuronprobe.activations import extract_to_file, load_logprob
+
+    loaded = load_model(str(tiny_gpt2_dir), device="cpu")
+    model = loaded.model
+    tokens = random_contexts(model.config.vocab_size, n=13, seed=5)
+    path = tmp_path / "activations.npy"
+    with hooked(model.transformer.h[0], _Interrupt(after=2)), pytest.raises(KeyboardInterrupt):
+        extract_to_file(
+            model, tokens, path, identity=loaded.identity, batch_size=5, progress=False,
+            positive_ids=[470],
+        )  # fmt: skip
+    assert load_logprob(path) is None  # nothing finished-looking
+    got = extract_to_file(
+        model, tokens, path, identity=loaded.identity, batch_size=5, progress=False,
+        positive_ids=[470],
+    )  # fmt: skip
+    np.testing.assert_allclose(load_logprob(path), _plain_logprob(model, tokens, [470]), atol=1e-5)
+    assert np.asarray(got).shape == (4, 13, 256)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "activations.json",
+        "activations.logprob.npy",
+        "activations.npy",
+    ]
+    # Activations stored without the answer are not reused for a run that wants it.
+    counter = _Interrupt(after=10**6)
+    with hooked(model.transformer.h[0], counter):
+        extract_to_file(model, tokens, path, identity=loaded.identity, progress=False)
+        assert counter.calls == 1
+        extract_to_file(
+            model, tokens, path, identity=loaded.identity, progress=False, positive_ids=[470]
+        )
+        assert counter.calls == 2

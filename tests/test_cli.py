@@ -477,14 +477,20 @@ def test_run_stopped_mid_extraction_resumes_to_the_same_result(
         assert f"`neuronprobe run --out {out} --resume` goes on from there" in stderr
         assert record["status"] == "interrupted"
         assert record["stages"] == {"contexts": "complete", "activations": "interrupted"}
-    contexts_written = (out / "contexts.parquet").stat().st_mtime_ns
+    import pandas as pd
+
+    contexts_written = pd.read_parquet(out / "contexts.parquet")
 
     resumed = neuronprobe("run", "--out", str(out), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     # Neither the contexts nor the finished batches were redone.
     assert "reusing the contexts" in resumed.stderr
     assert f"resuming the activations at context {stopped_at} of " in resumed.stderr
-    assert (out / "contexts.parquet").stat().st_mtime_ns == contexts_written
+    # The contexts as they were; the activations stage added the model's answer to the table.
+    contexts_now = pd.read_parquet(out / "contexts.parquet")
+    for column in contexts_written.columns:
+        assert contexts_now[column].astype(str).equals(contexts_written[column].astype(str))
+    assert {"logprob_positive", "logodds_positive"} <= set(contexts_now.columns)
     for name in RESULTS:
         assert (out / name).read_bytes() == (uninterrupted / name).read_bytes(), name
     record = json.loads((out / "run.json").read_text())
@@ -508,7 +514,7 @@ def _long_options(command: str) -> list[tuple[str, Any]]:
     ]
 
 
-COMMANDS = ("run", "contexts", "activations", "probe", "report", "sites")
+COMMANDS = ("run", "contexts", "activations", "probe", "intervene", "report", "sites")
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -530,7 +536,7 @@ def test_every_abbreviated_option_is_refused_in_one_line(
                     command,
                     short,
                     *value,
-                    *(["--out", "x"] if command in ("probe", "report") else []),
+                    *(["--out", "x"] if command in ("probe", "intervene", "report") else []),
                 ]
             )
         stderr = capsys.readouterr().err
@@ -583,6 +589,11 @@ APPLIED = {
     "--ray-address": (["10.0.0.1:6379"], "ray_address", "10.0.0.1:6379"),
     "--ray-workers": (["3"], "ray_workers", 3),
     "--ray-gpus-per-worker": (["0.5"], "ray_gpus_per_worker", 0.5),
+    "--interventions": ([], "interventions", True),
+    "--no-interventions": ([], "interventions", False),
+    "--ablation": (["patch"], "ablation", "patch"),
+    "--ablate-k": (["5,all"], "ablate_k", ["5", "all"]),
+    "--random-draws": (["3"], "random_draws", 3),
 }
 #: Options that are not settings of the experiment: where it goes and how it runs.
 NOT_SETTINGS = {"--out", "--force", "--resume", "--config", "--quiet"}
@@ -610,7 +621,7 @@ def test_every_option_reaches_the_config(command: str) -> None:
         default: Any = RunConfig()
         for name in attribute.split("."):
             default = getattr(default, name)
-        if option not in ("--shuffled-control", "--no-split-by-document"):  # the defaults
+        if option not in ("--shuffled-control", "--no-split-by-document", "--interventions"):
             assert found != default, option
     # The documented alias: --engine ray is --executor ray, with the statistics on fast.
     argv = [command, "--engine", "ray"]
@@ -654,6 +665,26 @@ def test_every_probe_option_reaches_the_refit() -> None:
     )
 
 
+def test_every_intervene_option_reaches_the_interventions() -> None:
+    from neuronprobe import cli
+    from neuronprobe.config import INTERVENTION_SETTINGS
+
+    parser = cli.build_parser()
+    given = {
+        "--ablation": ("zero", "ablation", "zero"),
+        "--ablate-k": ("3,all", "ablate_k", ["3", "all"]),
+        "--random-draws": ("2", "random_draws", 2),
+        "--device": ("cpu", "device", "cpu"),
+        "--batch-size": ("8", "batch_size", 8),
+    }
+    options = {option for option, _ in _long_options("intervene")} - {"--out", "--quiet"}
+    assert options == set(given)
+    for option, (value, name, expected) in given.items():
+        args = parser.parse_args(["intervene", "--out", "x", option, value])
+        assert cli.intervene_changes(args) == {name: expected}, option
+    assert set(INTERVENTION_SETTINGS) - {"interventions"} <= {n for _, n, _ in given.values()}
+
+
 @pytest.fixture(scope="module")
 def finished_run(tiny_gpt2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small finished run (2 layers) to damage copies of."""
@@ -673,15 +704,25 @@ DAMAGED = {
     "contexts.parquet": ("redo", "error", "error"),
     "activations.npy": ("redo", "error", "error"),
     "activations.json": ("redo", "error", "error"),
+    "activations.logprob.npy": ("redo", "error", "error"),
     "neurons.parquet": ("redo", "redo", "error"),
     "neurons.csv": ("redo", "redo", "error"),
     "layers.csv": ("redo", "redo", "error"),
+    "split.csv": ("redo", "redo", "error"),
     "figures/layers.png": ("redo", "redo", "error"),
     "figures/neurons_layer0.svg": ("redo", "redo", "error"),
     "report.html": ("redo", "redo", "redo"),
 }
 #: The files whose bytes a recomputation must give back exactly.
-DATA_FILES = ("contexts.parquet", "activations.npy", "neurons.parquet", "neurons.csv", "layers.csv")
+DATA_FILES = (
+    "contexts.parquet",
+    "activations.npy",
+    "activations.logprob.npy",
+    "neurons.parquet",
+    "neurons.csv",
+    "layers.csv",
+    "split.csv",
+)
 
 
 def _damage(path: Path, how: str) -> None:
@@ -855,3 +896,141 @@ def test_sites_without_a_model_lists_the_default_models_as_the_readme_shows(
         assert main(argv) == 0
         printed = [line.strip() for line in capsys.readouterr().out.strip().splitlines()]
         assert printed == expected, argv
+
+
+def test_intervene_redoes_the_interventions_and_keeps_the_earlier_ones(
+    finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+    import shutil
+
+    from neuronprobe.cli import main
+
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    earlier = json.loads((out / "run.json").read_text())
+    assert earlier["interventions"]["ablate_k"] == ["10", "all"]
+    argv = ["intervene", "--out", str(out), "--ablate-k", "2", "--random-draws", "1"]
+    assert main([*argv, "--ablation", "zero", "--quiet"]) == 0
+    stdout = capsys.readouterr().out
+    assert "interventions (zero ablation, k 2, 1 random draws) on" in stdout
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "complete" and record["stages"]["interventions"] == "complete"
+    settings = record["interventions"]
+    assert (settings["ablation"], settings["ablate_k"], settings["random_draws"]) == (
+        "zero",
+        ["2"],
+        1,
+    )
+    assert (record["config"]["ablation"], record["config"]["ablate_k"]) == ("zero", ["2"])
+    (kept,) = (out / "history").iterdir()
+    assert kept.name.endswith("-intervene")
+    assert (kept / "interventions.parquet").read_bytes() == (
+        finished_run / "interventions.parquet"
+    ).read_bytes()
+    assert json.loads((kept / "run.json").read_text())["interventions"]["ablate_k"] == ["10", "all"]
+    # A refit that keeps the split and the significant neurons keeps the interventions ...
+    assert main(["probe", "--out", str(out), "--quiet", "--alpha", "0.2"]) == 0
+    record = json.loads((out / "run.json").read_text())
+    assert record["interventions"] == settings and (out / "interventions.parquet").is_file()
+    assert record["stages"]["interventions"] == "complete"
+    # ... one on another split does not: they go to history/ with the rest.
+    assert main(["probe", "--out", str(out), "--quiet", "--seed", "5"]) == 0
+    record = json.loads((out / "run.json").read_text())
+    assert "interventions" not in record and "interventions" not in record["stages"]
+    assert not (out / "interventions.parquet").exists()
+    assert not (out / "figures" / "interventions.png").exists()
+    refit = sorted((out / "history").glob("*-refit"))[-1]
+    assert (refit / "interventions.parquet").is_file()
+    assert '<section id="interventions">' not in (out / "report.html").read_text()
+
+
+def test_bad_intervention_settings_are_refused_before_anything_is_written(
+    finished_run: Path, tiny_gpt2_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    from neuronprobe.cli import main
+
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    before = (out / "run.json").read_bytes()
+    cases = [
+        (
+            ["--ablate-k", "300"],
+            "--ablate-k 300 is more neurons than a layer has at this site (256)",
+        ),
+        (["--ablate-k", "0"], "change at least 1 neuron per layer"),
+        (["--ablate-k", "-3"], "change at least 1 neuron per layer"),
+        (["--ablate-k", "ten"], "takes numbers of neurons or 'all'"),
+        (["--ablation", "half"], "invalid choice: 'half'"),
+        (["--random-draws", "-1"], "--random-draws must be >= 0"),
+    ]
+
+    def exit_code(argv: list[str]) -> int:
+        try:
+            return main(argv)
+        except SystemExit as stop:  # argparse's own refusals
+            return int(stop.code or 0)
+
+    for options, message in cases:
+        assert exit_code(["intervene", "--out", str(out), *options]) == 2, options
+        stderr = capsys.readouterr().err
+        assert len(stderr.splitlines()) == 1 and message in stderr, (options, stderr)
+        assert (out / "run.json").read_bytes() == before and not (out / "history").exists()
+        new = tmp_path / "new"
+        argv = ["run", "--model", str(tiny_gpt2_dir), "--layers", "0", "--out", str(new)]
+        assert exit_code([*argv, *options]) == 2, options
+        stderr = capsys.readouterr().err
+        assert len(stderr.splitlines()) == 1 and message in stderr, (options, stderr)
+        assert not new.exists()
+
+
+def test_no_interventions_and_another_position_skip_the_stage(
+    tiny_gpt2_dir: Path, tmp_path: Path
+) -> None:
+    from neuronprobe import RunConfig, run
+
+    for name, changes, reason in [
+        ("off", {"interventions": False}, "--no-interventions"),
+        ("position", {"position": -2}, "--position -2"),
+    ]:
+        config = RunConfig(model=str(tiny_gpt2_dir), min_per_class=20, layers=[1], **changes)
+        result = run(config, tmp_path / name, progress=False)
+        assert result.record["stages"]["interventions"] == "complete"
+        assert result.record["interventions"]["skipped"].startswith(reason)
+        assert not (result.directory / "interventions.parquet").exists()
+        page = (result.directory / "report.html").read_text(encoding="utf-8")
+        assert '<section id="interventions">' not in page
+
+
+def test_damaged_interventions_are_named_redone_or_dropped(
+    finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`report` names a damaged interventions.parquet, `run --resume` redoes it (it needs the
+    model), and `probe`, which has no model, leaves it out (history/ keeps the copy)."""
+    import json
+    import shutil
+
+    from neuronprobe.cli import main
+
+    for command in ("report", "run", "probe"):
+        out = tmp_path / command
+        shutil.copytree(finished_run, out)
+        _damage(out / "interventions.parquet", "truncated")
+        argv = {"report": ["report"], "run": ["run", "--resume"], "probe": ["probe"]}[command]
+        code = main([*argv, "--out", str(out), "--quiet"])
+        stderr = capsys.readouterr().err
+        record = json.loads((out / "run.json").read_text())
+        if command == "report":
+            assert code == 2 and "interventions.parquet is not a readable" in stderr
+            continue
+        assert code == 0, stderr
+        if command == "run":
+            assert record["stages"]["interventions"] == "complete"
+            assert (out / "interventions.parquet").read_bytes() == (
+                finished_run / "interventions.parquet"
+            ).read_bytes()
+        else:
+            assert "interventions" not in record["stages"] and "interventions" not in record
+            assert not (out / "interventions.parquet").exists()

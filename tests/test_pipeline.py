@@ -61,6 +61,7 @@ def test_run_json_records_what_is_needed_to_rerun(tiny_run: Any, tiny_gpt2_dir: 
         "activations",
         "statistics",
         "figures",
+        "interventions",
         "report",
     }
     assert record["activations"]["shape"] == [4, counts["contexts"], 256]
@@ -90,6 +91,49 @@ def test_neuron_table_is_the_fit_of_the_stored_activations(tiny_run: Any) -> Non
     assert row.test_acc == pytest.approx(100 * (predicted == contexts.labels)[~train].mean())
     layers = pd.read_csv(directory / "layers.csv")
     pd.testing.assert_frame_equal(layers, layer_table(neurons), check_dtype=False)
+
+
+def test_run_records_the_models_own_answer_and_the_split(
+    tiny_run: Any, tiny_gpt2_dir: Path
+) -> None:
+    """contexts.parquet holds the model's own log-probability of "'t" at the last token (equal
+    to a plain forward pass), split.csv the statistics' split, run.json the model's held-out AUC
+    and accuracy on it, and neurons.parquet each neuron's Spearman correlation with it."""
+    import torch
+    from scipy import stats
+    from sklearn.metrics import roc_auc_score
+
+    from neuronprobe.models import load_model
+
+    directory = tiny_run.directory
+    table = pd.read_parquet(directory / "contexts.parquet")
+    tokens = torch.as_tensor(np.stack(table["tokens"].to_list()))
+    model = load_model(str(tiny_gpt2_dir), device="cpu").model
+    with torch.inference_mode():
+        logp = torch.log_softmax(model(tokens).logits[:, -1].double(), dim=-1)[:, 470].numpy()
+    np.testing.assert_allclose(table["logprob_positive"], logp, atol=1e-5)
+    np.testing.assert_allclose(table["logodds_positive"], logp - np.log1p(-np.exp(logp)), atol=1e-5)
+    split = pd.read_csv(directory / "split.csv")
+    assert split.columns.tolist() == ["context", "split"]
+    assert split["context"].tolist() == list(range(len(table)))
+    train = split["split"].to_numpy() == "train"
+    np.testing.assert_array_equal(train, stratified_train_mask(table["label"].to_numpy(), 0.2, 3))
+    record = tiny_run.record
+    assert record["statistics"]["split_file"] == "split.csv"
+    assert int(train.sum()) == record["statistics"]["train_contexts"]
+    behavior = record["behavior"]
+    labels, logodds = table["label"].to_numpy(), table["logodds_positive"].to_numpy()
+    assert behavior["auc"] == pytest.approx(roc_auc_score(labels[~train], logodds[~train]))
+    held_out = (logodds[~train] > behavior["threshold"]) == labels[~train]
+    assert behavior["accuracy"] == pytest.approx(100 * held_out.mean())
+    assert behavior["positive_first_ids"] == [470] and behavior["test_contexts"] == (~train).sum()
+    assert record["activations"]["positive_first_ids"] == [470]
+    neurons = pd.read_parquet(directory / "neurons.parquet")
+    activations = np.load(directory / "activations.npy", mmap_mode="r")
+    for row in neurons.iloc[[0, 300, 1023]].itertuples():
+        values = activations[int(row.layer), ~train, int(row.neuron)]
+        expected = stats.spearmanr(values, logodds[~train])[0]
+        assert row.behavior_corr == pytest.approx(expected, abs=1e-12)
 
 
 def test_same_seed_gives_identical_files(
@@ -164,20 +208,26 @@ def test_contexts_stage_alone_then_run_reuses_them(tiny_gpt2_dir: Path, tmp_path
     assert first.neurons is None
     assert sorted(p.name for p in out.iterdir()) == ["contexts.parquet", "run.json"]
     assert first.record["stages"] == {"contexts": "complete"}
-    written = (out / "contexts.parquet").stat().st_mtime_ns
-    # A later run with other statistics settings but the same context settings reuses them.
+    written = pd.read_parquet(out / "contexts.parquet")
+    # A later run with other statistics settings but the same context settings reuses them;
+    # the activations stage adds the model's own answer to the table, nothing else changes.
     later = run(RunConfig(**{**config.__dict__, "alpha": 0.5}), out, progress=False)
-    assert (out / "contexts.parquet").stat().st_mtime_ns == written
+    table = pd.read_parquet(out / "contexts.parquet")
+    assert table.columns.tolist() == [*written.columns, "logprob_positive", "logodds_positive"]
+    other = [c for c in written.columns if c != "tokens"]
+    pd.testing.assert_frame_equal(table[other], written[other])
+    np.testing.assert_array_equal(np.stack(table["tokens"]), np.stack(written["tokens"]))
     assert later.record["counts"] == first.record["counts"]
     assert later.record["stages"] == dict.fromkeys(
-        ("contexts", "activations", "statistics", "figures", "report"), "complete"
+        ("contexts", "activations", "statistics", "figures", "interventions", "report"), "complete"
     )
     assert later.record["config"]["alpha"] == 0.5
     # Other context settings, or a finished run with other settings: refused, nothing touched.
+    finished = (out / "contexts.parquet").stat().st_mtime_ns
     for changed in ({"min_per_class": 21}, {"alpha": 0.2}):
         with pytest.raises(NeuronprobeError, match="already holds a different run"):
             run(RunConfig(**{**config.__dict__, **changed}), out, progress=False)
-    assert (out / "contexts.parquet").stat().st_mtime_ns == written
+    assert (out / "contexts.parquet").stat().st_mtime_ns == finished
 
 
 def test_run_records_the_statistics_choices(tiny_run: Any) -> None:
@@ -228,6 +278,17 @@ def test_probe_refits_from_stored_activations(tiny_run: Any, tmp_path: Path) -> 
     ]
     assert (history[0] / "neurons.parquet").read_bytes() == original
     assert (history[1] / "neurons.parquet").read_bytes() == original
+    # The new split is in split.csv (the one it replaced in history/), the model's own
+    # figures are measured on it.
+    split = pd.read_csv(out / "split.csv")["split"].to_numpy() == "train"
+    np.testing.assert_array_equal(split, stratified_train_mask(contexts.labels, 0.2, 11))
+    before = pd.read_csv(history[1] / "split.csv")["split"].to_numpy() == "train"
+    np.testing.assert_array_equal(before, stratified_train_mask(contexts.labels, 0.2, 3))
+    assert changed.record["behavior"]["train_contexts"] == int(split.sum())
+    table = pd.read_parquet(out / "contexts.parquet")
+    labels, logodds = table["label"].to_numpy(), table["logodds_positive"].to_numpy()
+    held_out = (logodds[~split] > changed.record["behavior"]["threshold"]) == labels[~split]
+    assert changed.record["behavior"]["accuracy"] == pytest.approx(100 * held_out.mean())
     # What decides contexts or activations cannot be changed by a refit.
     with pytest.raises(NeuronprobeError, match="probe cannot change site"):
         probe(out, site="resid.post")
@@ -362,7 +423,14 @@ def test_ray_engine_gives_the_single_process_run(
         model=str(tiny_gpt2_dir), min_per_class=40, seed=3, engine="ray", ray_workers=2
     )
     result = run(config, tmp_path / "ray", progress=False)
-    for name in ["contexts.parquet", "activations.npy", "neurons.parquet", "layers.csv"]:
+    for name in [
+        "contexts.parquet",  # with the model's own answer
+        "activations.npy",
+        "activations.logprob.npy",
+        "neurons.parquet",
+        "layers.csv",
+        "split.csv",
+    ]:
         assert (result.directory / name).read_bytes() == (tiny_run.directory / name).read_bytes(), (
             name
         )

@@ -24,7 +24,7 @@ def test_readme_python_blocks_run_as_written(
     from matplotlib.figure import Figure
 
     blocks = _python_blocks()
-    assert len(blocks) == 2
+    assert len(blocks) == 3
     monkeypatch.chdir(tmp_path)
     namespace: dict[str, Any] = {}
     for number, block in enumerate(blocks):
@@ -35,6 +35,9 @@ def test_readme_python_blocks_run_as_written(
     assert namespace["fits"].beta.shape == (30, 1536)
     assert (tmp_path / "runs" / "seed1" / "report.html").is_file()
     assert len(list((tmp_path / "runs" / "seed1" / "history").iterdir())) == 1  # the refit's
+    effects = namespace["effects"]
+    assert set(effects["layer"]) <= set(range(30)) | {-1} and set(effects["k_label"]) == {"10"}
+    assert namespace["redone"].record["interventions"]["random_draws"] == 3
 
 
 def _config_table() -> dict[str, str]:

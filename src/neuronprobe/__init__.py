@@ -4,6 +4,7 @@ The pipeline is a straight line, one module per stage::
 
     text.open_corpus -> contexts.collect_contexts -> activations.extract_activations
         -> statistics.fit_neuron_logits -> tables / figures
+        -> interventions.intervention_sweep -> report.write_report
 
 and :func:`run` does all of it into a run directory.
 """
@@ -17,7 +18,8 @@ if TYPE_CHECKING:
     from neuronprobe.config import RunConfig
     from neuronprobe.contexts import Contrast
     from neuronprobe.errors import NeuronprobeError
-    from neuronprobe.pipeline import RunResult, probe, run
+    from neuronprobe.interventions import intervention_sweep
+    from neuronprobe.pipeline import RunResult, intervene, probe, run
     from neuronprobe.statistics import NeuronFits, fit_neuron_logits
 
 # Imported on first use, so that `neuronprobe --help` and input checks do not wait for torch.
@@ -28,6 +30,8 @@ _EXPORTS = {
     "RunConfig": "neuronprobe.config",
     "RunResult": "neuronprobe.pipeline",
     "fit_neuron_logits": "neuronprobe.statistics",
+    "intervene": "neuronprobe.pipeline",
+    "intervention_sweep": "neuronprobe.interventions",
     "probe": "neuronprobe.pipeline",
     "run": "neuronprobe.pipeline",
 }
@@ -39,6 +43,8 @@ __all__ = [
     "RunConfig",
     "RunResult",
     "fit_neuron_logits",
+    "intervene",
+    "intervention_sweep",
     "probe",
     "run",
 ]

@@ -189,8 +189,11 @@ def extract_activations(
     on_batch: Callable[[int], None] | None = None,
     progress: bool = True,
     context_offset: int = 0,
+    positive_ids: Sequence[int] | None = None,
+    logprob_out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Neuron activations at one token of each context (the last, by default).
+    """Neuron activations at one token of each context (the last, by default), and, from the
+    same forward pass, the model's own answer at the last token.
 
     Parameters
     ----------
@@ -218,6 +221,15 @@ def extract_activations(
     context_offset:
         Index of ``tokens[0]`` among all contexts, for error messages only (the Ray engine
         extracts one batch at a time).
+    positive_ids:
+        Token ids whose total probability the model gives at the last token is wanted (the
+        first tokens of the positive followers: ``"'t"`` for the default contrast). The forward
+        pass then runs to the end and the LM head is applied at the last position only.
+    logprob_out:
+        float64 [contexts, 2] to fill with ``log P`` and ``log(1 - P)``, ``P`` the model's
+        total probability of ``positive_ids`` at the last token (both from log-sum-exps over
+        the logits, so neither loses precision when ``P`` is near 0 or 1). Required with
+        ``positive_ids``.
 
     Returns
     -------
@@ -242,6 +254,18 @@ def extract_activations(
     n_contexts = len(rows)
     if start and out is None:
         raise ValueError("start > 0 resumes into `out`: pass the partly filled array")
+    wanted = None
+    if positive_ids is not None:
+        if logprob_out is None or logprob_out.shape != (n_contexts, 2):
+            raise ValueError("positive_ids needs logprob_out, float64 [contexts, 2]")
+        wanted = torch.as_tensor(sorted({int(i) for i in positive_ids}), device=device)
+        vocabulary = model.get_output_embeddings().weight.shape[0]
+        if not len(wanted) or int(wanted.min()) < 0 or int(wanted.max()) >= vocabulary:
+            raise NeuronprobeError(
+                f"the positive followers' first tokens {wanted.tolist()} are not all ids of "
+                f"this model's vocabulary (0-{vocabulary - 1}); were the contexts made with "
+                "its tokenizer?"
+            )
 
     current: dict[int, Any] = {}  # layer -> [batch, d_mlp] of the batch being processed
     deepest = chosen[-1]
@@ -250,7 +274,7 @@ def extract_activations(
         def read(values: Any) -> None:
             # [batch, pos, width] -> [batch, width]; a copy, so the full tensor can be freed.
             current[layer] = values[rows_index, columns, :].clone()
-            if layer == deepest:
+            if layer == deepest and wanted is None:
                 raise _StopForward
 
         return read
@@ -277,12 +301,18 @@ def extract_activations(
                 rows_index = torch.arange(len(chunk), device=device)
                 current.clear()
                 with contextlib.suppress(_StopForward):
-                    model(
+                    output = model(
                         input_ids=batch,
                         attention_mask=mask,
                         position_ids=position_ids,
                         use_cache=False,
+                        # The LM head at the last position only: [batch, 1, vocab].
+                        logits_to_keep=1,
                     )
+                if wanted is not None:
+                    assert logprob_out is not None
+                    answer = _positive_logprob(output.logits[:, -1], wanted)  # [batch, 2]
+                    logprob_out[first : first + len(chunk)] = answer
                 if out is None:
                     width = current[deepest].shape[-1]
                     out = np.empty((len(chosen), n_contexts, width), dtype=np.float32)
@@ -298,6 +328,26 @@ def extract_activations(
             handle.remove()
     assert out is not None
     return out
+
+
+def _positive_logprob(logits: Any, wanted: Any) -> np.ndarray:
+    """``[log P, log(1 - P)]`` per row, float64 [batch, 2], from logits [batch, vocab];
+    ``P`` = the softmax probability of the ids ``wanted`` together."""
+    import torch
+
+    logits = logits.to(torch.float64)
+    total = torch.logsumexp(logits, dim=-1)
+    rest = logits.clone()
+    rest[:, wanted] = -torch.inf
+    positive = torch.logsumexp(logits[:, wanted], dim=-1) - total
+    negative = torch.logsumexp(rest, dim=-1) - total
+    return torch.stack([positive, negative], dim=-1).cpu().numpy()
+
+
+def logodds(logprob: np.ndarray) -> np.ndarray:
+    """``log P - log(1 - P)`` from :func:`extract_activations`' ``[log P, log(1 - P)]`` pairs
+    (float64 [contexts, 2] -> [contexts])."""
+    return np.asarray(logprob[:, 0] - logprob[:, 1], dtype=np.float64)
 
 
 def _check_finite(values: np.ndarray, layer: int, first: int) -> None:
@@ -337,6 +387,7 @@ def extract_to_file(
     position: int = -1,
     batch_size: int = 64,
     progress: bool = True,
+    positive_ids: Sequence[int] | None = None,
 ) -> np.ndarray:
     """:func:`extract_activations` into ``path`` (``.npy``), resumable and reusable.
 
@@ -351,6 +402,9 @@ def extract_to_file(
     identity:
         What identifies the model's weights (e.g. ``LoadedModel.identity``: GGUF or weight
         hashes, hub revision); part of the key that decides reuse.
+    positive_ids:
+        With them, the model's own answer from the same forward pass is stored beside the
+        activations (``ActivationFile.logprob_path``; read it with :func:`load_logprob`).
 
     Returns
     -------
@@ -361,12 +415,12 @@ def extract_to_file(
     chosen = resolve_layers(layers, len(hook_points(model, site)))
     shape = (len(chosen), tokens.shape[0], site_width(model, site))
     store = ActivationFile.for_path(
-        path, activation_key(identity, tokens, chosen, site, position, shape)
+        path, activation_key(identity, tokens, chosen, site, position, shape, positive_ids)
     )
     finished = store.finished()
     if finished is not None:
         return finished
-    out, done = store.open(shape)
+    out, logprob, done = store.open(shape)
     extract_activations(
         model,
         tokens,
@@ -376,10 +430,20 @@ def extract_to_file(
         batch_size=batch_size,
         out=out,
         start=done,
-        on_batch=lambda done: store.checkpoint(out, done),
+        on_batch=lambda done: store.checkpoint(out, done, logprob),
         progress=progress,
+        positive_ids=positive_ids,
+        logprob_out=logprob,
     )
-    return store.finish(out)
+    return store.finish(out, logprob)
+
+
+def load_logprob(path: Path | str) -> np.ndarray | None:
+    """The model's own answer stored beside the activations ``path`` by :func:`extract_to_file`:
+    float64 [contexts, 2], ``log P`` and ``log(1 - P)`` of the positive followers' first tokens
+    at the last token; None where the activations were recorded without it."""
+    file = ActivationFile.for_path(path, {}).logprob_path
+    return np.load(file) if file.is_file() else None
 
 
 def activation_key(
@@ -389,10 +453,12 @@ def activation_key(
     site: str,
     position: int,
     shape: tuple[int, int, int],
+    positive_ids: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """What decides whether stored activations can be reused: the model's identity (without
     its device and cache folder), the contexts' tokens (int64 [contexts, pos], hashed), the
-    site, position, resolved layers and the array's shape ``[layers, contexts, neurons]``."""
+    site, position, resolved layers, the array's shape ``[layers, contexts, neurons]``, and
+    the token ids of the model's stored answer (None: no answer stored)."""
     import hashlib
 
     tokens = np.ascontiguousarray(np.asarray(tokens, dtype=np.int64))
@@ -403,6 +469,7 @@ def activation_key(
         "layers": list(layers),
         "tokens_sha256": hashlib.sha256(tokens.tobytes()).hexdigest(),
         "shape": list(shape),
+        "positive_ids": sorted({int(i) for i in positive_ids}) if positive_ids else None,
     }
 
 
@@ -412,7 +479,9 @@ class ActivationFile:
 
     ``<path>.partial`` is the memory-mapped ``.npy`` being filled, ``<path>.progress.json``
     holds ``{"key": ..., "done": n}`` (the first ``n`` contexts are in the partial file), and
-    ``<path stem>.json`` describes the finished array. Every engine (the single-process one
+    ``<path stem>.json`` describes the finished array. When the key names ``positive_ids``,
+    the model's own answer (float64 [contexts, 2], see :func:`extract_activations`) is filled
+    beside it in ``<path stem>.logprob.npy.partial`` and checkpointed with it. Every engine (the single-process one
     and :mod:`neuronprobe.distributed`'s Ray engine) uses these files, so an extraction
     interrupted under one engine resumes under the other.
     """
@@ -436,6 +505,18 @@ class ActivationFile:
     def described(self) -> Path:
         return self.path.with_suffix(".json")
 
+    @property
+    def logprob_path(self) -> Path:
+        return self.path.with_name(self.path.stem + ".logprob.npy")
+
+    @property
+    def logprob_partial(self) -> Path:
+        return self.logprob_path.with_name(self.logprob_path.name + ".partial")
+
+    @property
+    def with_logprob(self) -> bool:
+        return bool(self.key.get("positive_ids"))
+
     def _stored_key(self, file: Path) -> Any:
         from neuronprobe.rundir import read_json
 
@@ -452,6 +533,12 @@ class ActivationFile:
         if not self.path.is_file() or self._stored_key(self.described) != self.key:
             return None
         problem = npy_problem(self.path, self.key.get("shape"))
+        if problem is None and self.with_logprob:
+            problem = (
+                npy_problem(self.logprob_path, [self.key["shape"][1], 2])
+                if self.logprob_path.is_file()
+                else f"without its {self.logprob_path.name}"
+            )
         if problem is not None:
             logger.warning(
                 "%s is damaged (%s); recording the activations again", self.path, problem
@@ -460,35 +547,58 @@ class ActivationFile:
         logger.info("reusing the activations in %s", self.path)
         return np.load(self.path, mmap_mode="r")
 
-    def open(self, shape: tuple[int, int, int]) -> tuple[np.ndarray, int]:
-        """The partial array (float32 ``shape``, memory-mapped for writing) and how many
-        contexts it already holds: resumed when its key matches, else started afresh."""
+    def open(self, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray | None, int]:
+        """The partial array (float32 ``shape``, memory-mapped for writing), the partial answer
+        (float64 [contexts, 2], or None when the key wants none) and how many contexts they
+        already hold: resumed when the key matches, else started afresh."""
         from neuronprobe.rundir import read_json, write_json
 
-        if self.partial.is_file() and self._stored_key(self.progress_file) == self.key:
+        resumable = self.partial.is_file() and (
+            not self.with_logprob or self.logprob_partial.is_file()
+        )
+        if resumable and self._stored_key(self.progress_file) == self.key:
             done = int(read_json(self.progress_file)["done"])
             out = np.load(self.partial, mmap_mode="r+")
+            logprob = np.load(self.logprob_partial, mmap_mode="r+") if self.with_logprob else None
             logger.info("resuming the activations at context %d of %d", done, shape[1])
-            return out, done
+            return out, logprob, done
         out = np.lib.format.open_memmap(self.partial, mode="w+", dtype=np.float32, shape=shape)
+        logprob = None
+        if self.with_logprob:
+            logprob = np.lib.format.open_memmap(
+                self.logprob_partial, mode="w+", dtype=np.float64, shape=(shape[1], 2)
+            )
         write_json(self.progress_file, {"key": self.key, "done": 0})
-        return out, 0
+        return out, logprob, 0
 
-    def checkpoint(self, out: np.ndarray, done: int) -> None:
-        """Record that the first ``done`` contexts are in ``out`` (flushed first)."""
+    def checkpoint(self, out: np.ndarray, done: int, logprob: np.ndarray | None = None) -> None:
+        """Record that the first ``done`` contexts are in ``out`` and ``logprob`` (flushed
+        first)."""
         from neuronprobe.rundir import write_json
 
-        if isinstance(out, np.memmap):
-            out.flush()  # the rows first, then the count that says they are there
+        for array in (out, logprob):
+            if isinstance(array, np.memmap):
+                array.flush()  # the rows first, then the count that says they are there
         write_json(self.progress_file, {"key": self.key, "done": done})
 
-    def finish(self, out: np.ndarray) -> np.ndarray:
-        """Rename the complete partial array to ``path``, describe it; a read-only memory map."""
+    def finish(self, out: np.ndarray, logprob: np.ndarray | None = None) -> np.ndarray:
+        """Rename the complete partial arrays to ``path`` (and ``logprob_path``), describe
+        them; the activations as a read-only memory map."""
         from neuronprobe.rundir import write_json
 
-        if isinstance(out, np.memmap):
-            out.flush()
+        for array in (out, logprob):
+            if isinstance(array, np.memmap):
+                array.flush()
+        if self.with_logprob:
+            os.replace(self.logprob_partial, self.logprob_path)
         os.replace(self.partial, self.path)
-        write_json(self.described, {"key": self.key, "axes": ["layer", "context", "neuron"]})
+        description: dict[str, Any] = {"key": self.key, "axes": ["layer", "context", "neuron"]}
+        if self.with_logprob:
+            description["logprob"] = {
+                "file": self.logprob_path.name,
+                "columns": ["log P(positive first tokens)", "log(1 - P)"],
+                "position": "the last token",
+            }
+        write_json(self.described, description)
         self.progress_file.unlink(missing_ok=True)
         return np.load(self.path, mmap_mode="r")

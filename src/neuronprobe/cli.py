@@ -20,14 +20,17 @@ from typing import Any, NoReturn
 from neuronprobe import __version__
 from neuronprobe.activations import SITES
 from neuronprobe.config import (
+    ABLATIONS,
     CORRECTIONS,
     ENGINES,
     EXECUTORS,
+    INTERVENTION_SETTINGS,
     RAY_ALIAS,
     RESUMABLE_CHANGES,
     STATISTICS_SETTINGS,
     TESTS,
     RunConfig,
+    parse_ablate_k,
 )
 from neuronprobe.contexts import Contrast
 from neuronprobe.errors import NeuronprobeError
@@ -330,6 +333,48 @@ def _add_statistics_options(parser: argparse.ArgumentParser, defaults: RunConfig
     )
 
 
+def _ablate_k(text: str) -> list[str]:
+    try:
+        return parse_ablate_k(text)
+    except NeuronprobeError as error:  # argparse's one-line error, exit 2
+        raise argparse.ArgumentTypeError(str(error).removeprefix("--ablate-k ")) from error
+
+
+def _add_intervention_options(parser: argparse.ArgumentParser, defaults: RunConfig | None) -> None:
+    """Options of the interventions stage; ``defaults=None`` leaves them unset (``intervene``)."""
+    shown = "" if defaults is None else " (default %(default)s)"
+    group = parser.add_argument_group("interventions")
+    if defaults is not None:
+        group.add_argument(
+            "--interventions",
+            action=argparse.BooleanOptionalAction,
+            default=defaults.interventions,
+            help="change the strongest neurons of each layer at the last token, against "
+            "random neurons, and measure the model's own prediction" + shown,
+        )
+    group.add_argument(
+        "--ablation",
+        choices=ABLATIONS,
+        default=None if defaults is None else defaults.ablation,
+        help="what the changed neurons are set to: their training mean, zero, or (patch) "
+        "their training mean over the other class" + shown,
+    )
+    group.add_argument(
+        "--ablate-k",
+        type=_ablate_k,
+        default=None if defaults is None else ",".join(defaults.ablate_k),
+        metavar="K[,K...]",
+        help="neurons changed per layer, one intervention each: numbers, or all (every "
+        "significant neuron of the layer)" + shown,
+    )
+    group.add_argument(
+        "--random-draws",
+        type=int,
+        default=None if defaults is None else defaults.random_draws,
+        help="random neuron sets of the same size per intervention, the control" + shown,
+    )
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with the tool's one-line errors (no usage block) and exit code 2, and no
     abbreviated options: ``--corp chitchat`` is refused, never read as ``--corpus``."""
@@ -361,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_context_options(run)
     _add_activation_options(run, defaults)
     _add_statistics_options(run, defaults)
+    _add_intervention_options(run, defaults)
     _add_ray_options(run, with_engine=False)
     activations = commands.add_parser(
         "activations",
@@ -413,6 +459,26 @@ def build_parser() -> argparse.ArgumentParser:
         "stay those the run sampled",
     )
     _add_statistics_options(probe, None)
+    intervene = commands.add_parser(
+        "intervene",
+        help="(re)do the interventions of a finished run: the strongest neurons changed "
+        "against random ones, read at the model's own prediction",
+        description="Load the run's model, change the strongest significant neurons of each "
+        "layer (and random neurons, the control) at the last token of the held-out contexts, "
+        "and write interventions.parquet, figures/interventions and the report; earlier "
+        "interventions are kept under history/.",
+    )
+    _COMMANDS["intervene"] = intervene
+    intervene.add_argument("--out", type=Path, required=True, help="a run directory")
+    intervene.add_argument("--quiet", action="store_true", help="no progress bars or messages")
+    intervene.add_argument("--device", default=None, help="torch device (default: the run's)")
+    intervene.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="contexts per forward pass (default: the run's)",
+    )
+    _add_intervention_options(intervene, None)
     report = commands.add_parser(
         "report",
         help="write report.html of a finished run (one self-contained page)",
@@ -455,6 +521,8 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
             return _sites(args)
         if args.command == "probe":
             return _probe(args)
+        if args.command == "intervene":
+            return _intervene(args)
         if args.command == "report":
             from neuronprobe.pipeline import report
 
@@ -472,7 +540,7 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 #: Options whose value is a comma-separated list of integers, which may start with "-".
-_LIST_OPTIONS = ("--layers",)
+_LIST_OPTIONS = ("--layers", "--ablate-k")
 
 
 def _negative_lists_joined(argv: list[str]) -> list[str]:
@@ -589,6 +657,7 @@ _CONFIG_OPTIONS = (
     "ray_address",
     "ray_workers",
     "ray_gpus_per_worker",
+    *INTERVENTION_SETTINGS,
 )
 _CONTRAST_OPTIONS = {"contrast", "target", "positive", "exclude", "context_length"}
 
@@ -722,6 +791,31 @@ def _probe(args: argparse.Namespace) -> int:
     print("neuronprobe: refitted with " + _settings_in_force(result.record, set(changes)))
     print("neuronprobe: " + _summary(result.record, result.layers))
     print(f"neuronprobe: results in {result.directory}")
+    return 0
+
+
+def intervene_changes(args: argparse.Namespace) -> dict[str, Any]:
+    """What a ``neuronprobe intervene`` command line changes: intervention settings, and the
+    device and batch size the model runs with."""
+    return {
+        name: getattr(args, name)
+        for name in (*INTERVENTION_SETTINGS, "device", "batch_size")
+        if getattr(args, name, None) is not None
+    }
+
+
+def _intervene(args: argparse.Namespace) -> int:
+    from neuronprobe.pipeline import intervene
+
+    _quiet_libraries()
+    result = intervene(args.out, progress=not args.quiet, **intervene_changes(args))
+    settings = result.record["interventions"]
+    print(
+        f"neuronprobe: {settings['rows']} interventions ({settings['ablation']} ablation, k "
+        f"{','.join(settings['ablate_k'])}, {settings['random_draws']} random draws) on "
+        f"{settings['contexts']} held-out contexts"
+    )
+    print(f"neuronprobe: results in {result.directory} (open report.html)")
     return 0
 
 

@@ -49,6 +49,11 @@ STATISTICS_SETTINGS = (
     "figure_layer",
 )
 
+#: ``--ablation``: what the changed neurons are set to (see :mod:`neuronprobe.interventions`).
+ABLATIONS = ("mean", "zero", "patch")
+#: The settings of the interventions stage: ``neuronprobe intervene`` may change them.
+INTERVENTION_SETTINGS = ("interventions", "ablation", "ablate_k", "random_draws")
+
 #: The settings that say how a run goes, not what it computes: ``--resume`` may change them.
 RESUMABLE_CHANGES = (
     "device",
@@ -133,8 +138,8 @@ class RunConfig:
         With ``executor="ray"``: GPUs each activation actor holds (default: 1 where the
         cluster has GPUs, else 0).
     seed:
-        Seeds every random choice: class balancing, the train/test split, the folds and the
-        shuffled labels.
+        Seeds every random choice: class balancing, the train/test split, the folds, the
+        shuffled labels and the interventions' random neurons.
     statistics_seed:
         If set, seeds the split, the folds and the shuffled labels instead of ``seed`` (what
         ``neuronprobe probe --seed`` changes: the contexts stay those ``seed`` sampled).
@@ -149,6 +154,19 @@ class RunConfig:
         activations are stored as float32 either way.
     batch_size:
         Contexts per forward pass.
+    interventions:
+        Run the interventions stage: change the strongest significant neurons of each layer
+        at the last token, against random neurons of the same layer, and measure the model's
+        own prediction (:mod:`neuronprobe.interventions`).
+    ablation:
+        What the changed neurons are set to: ``mean`` (each neuron's mean over the training
+        contexts), ``zero``, or ``patch`` (each neuron's training mean over the other class).
+    ablate_k:
+        How many neurons per layer are changed, each a separate intervention: a number, or
+        ``all`` (every significant neuron of the layer). Default ``["10", "all"]``.
+    random_draws:
+        Seeded draws of as many random neurons from the same layer, the control of each
+        intervention (0: no control).
     """
 
     model: str = "smollm2-135m"
@@ -180,6 +198,10 @@ class RunConfig:
     device: str = "auto"
     dtype: str = "float32"
     batch_size: int = 64
+    interventions: bool = True
+    ablation: str = "mean"
+    ablate_k: list[str] = field(default_factory=lambda: ["10", "all"])
+    random_draws: int = 5
 
     def __post_init__(self) -> None:
         if self.engine == RAY_ALIAS:  # the documented alias: the heavy stages on Ray
@@ -208,6 +230,7 @@ class RunConfig:
             ("executor", self.executor, EXECUTORS),
             ("site", self.site, SITES),
             ("dtype", self.dtype, DTYPES),
+            ("ablation", self.ablation, ABLATIONS),
         ):
             if value not in allowed:
                 raise NeuronprobeError(
@@ -223,6 +246,11 @@ class RunConfig:
             )
         if self.batch_size < 1:
             raise NeuronprobeError(f"--batch-size must be >= 1 (got {self.batch_size}).")
+        self.ablate_k = parse_ablate_k(self.ablate_k)
+        if self.random_draws < 0:
+            raise NeuronprobeError(
+                f"--random-draws must be >= 0 (got {self.random_draws}); 0 runs no control."
+            )
         length = self.contrast.context_length + 1
         if not -length <= self.position < length:
             raise NeuronprobeError(
@@ -303,6 +331,43 @@ class RunConfig:
         return cls.from_dict(data)
 
 
+def parse_ablate_k(values: Any) -> list[str]:
+    """``--ablate-k``'s values as text: positive whole numbers and ``all``, in the order given,
+    each once (``"10,all"``, ``[10, "all"]`` -> ``["10", "all"]``)."""
+    if isinstance(values, str):
+        values = values.split(",")
+    if not isinstance(values, list | tuple) or not values:
+        raise NeuronprobeError(
+            f"--ablate-k must list numbers of neurons or 'all', e.g. 10,all (got {values!r})."
+        )
+    parsed: list[str] = []
+    for value in values:
+        text = str(value).strip().lower()
+        if isinstance(value, bool) or not (text == "all" or text.lstrip("-").isdigit()):
+            raise NeuronprobeError(
+                f"--ablate-k takes numbers of neurons or 'all', e.g. 10,all (got {value!r})."
+            )
+        if text != "all" and int(text) < 1:
+            raise NeuronprobeError(
+                f"--ablate-k {text}: change at least 1 neuron per layer (or 'all' significant "
+                "ones); use --no-interventions to skip the interventions."
+            )
+        text = text if text == "all" else str(int(text))
+        if text not in parsed:
+            parsed.append(text)
+    return parsed
+
+
+def check_ablate_k(ablate_k: list[str], width: int) -> None:
+    """Refuse an ``--ablate-k`` number above the layer's width (its neurons at the site)."""
+    for text in ablate_k:
+        if text != "all" and int(text) > width:
+            raise NeuronprobeError(
+                f"--ablate-k {text} is more neurons than a layer has at this site ({width}); "
+                f"use at most {width}, or 'all' (every significant neuron of the layer)."
+            )
+
+
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {}
 
 
@@ -319,6 +384,8 @@ def _check_type(name: str, value: Any) -> None:
                 _FIELD_TYPES[item.name] = (*base, type(None))
             elif kind == "list[int] | None":
                 _FIELD_TYPES[item.name] = (list, type(None))
+            elif kind == "list[str]":
+                _FIELD_TYPES[item.name] = (list,)
     allowed = _FIELD_TYPES.get(name)
     if allowed is None:
         return
@@ -328,7 +395,9 @@ def _check_type(name: str, value: Any) -> None:
         raise NeuronprobeError(
             f"config key {name!r} must be {names}, got {value!r} ({type(value).__name__})."
         )
-    if isinstance(value, list) and not all(
-        isinstance(v, int) and not isinstance(v, bool) for v in value
+    if (
+        name == "layers"
+        and isinstance(value, list)
+        and not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
     ):
         raise NeuronprobeError(f"config key {name!r} must be a list of integers, got {value!r}.")

@@ -849,6 +849,7 @@ class ActivationWorker:
         position: int,
         device: str = "auto",
         dtype: str = "float32",
+        positive_ids: Sequence[int] | None = None,
     ) -> None:
         from neuronprobe.models import load_model
 
@@ -856,6 +857,7 @@ class ActivationWorker:
         self.layers = list(layers)
         self.site = site
         self.position = position
+        self.positive_ids = list(positive_ids) if positive_ids else None
         # A model that does not load is reported with the first batch, as an ordinary error:
         # an actor that dies in its constructor makes Ray print tracebacks while it gives up.
         self.error: str | None = None
@@ -866,15 +868,18 @@ class ActivationWorker:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """``first`` [rows], ``count`` [rows], ``tokens`` [rows, batch_size, pos] ->
-        ``first``, ``count``, ``values`` float32 [rows, layers, batch_size, neurons] (rows past
-        ``count`` are zero)."""
+        ``first``, ``count``, ``values`` float32 [rows, layers, batch_size, neurons] and
+        ``logprob`` float64 [rows, batch_size, 2] (the model's own answer, zero without
+        ``positive_ids``; rows past ``count`` are zero)."""
         if self.error is not None:
             raise NeuronprobeError(self.error)
         firsts = np.asarray(batch["first"], dtype=np.int64)
         counts = np.asarray(batch["count"], dtype=np.int64)
         tokens = np.asarray(batch["tokens"], dtype=np.int64)
         values: np.ndarray | None = None
+        logprob = np.zeros((len(firsts), tokens.shape[1], 2), dtype=np.float64)
         for row, (first, count) in enumerate(zip(firsts.tolist(), counts.tolist(), strict=True)):
+            answer = np.zeros((count, 2), dtype=np.float64)
             try:
                 result = extract_activations(
                     self.loaded.model,
@@ -885,6 +890,8 @@ class ActivationWorker:
                     batch_size=count,  # exactly one forward pass: the single-process batch
                     progress=False,
                     context_offset=first,
+                    positive_ids=self.positive_ids,
+                    logprob_out=answer if self.positive_ids else None,
                 )
             except NeuronprobeError:
                 raise
@@ -904,8 +911,9 @@ class ActivationWorker:
                     dtype=np.float32,
                 )
             values[row, :, :count] = result
+            logprob[row, :count] = answer
         assert values is not None
-        return {"first": firsts, "count": counts, "values": values}
+        return {"first": firsts, "count": counts, "values": values, "logprob": logprob}
 
 
 def _describe_model(model_name: str, site: str, dtype: str) -> tuple[int, int, dict[str, Any]]:
@@ -936,6 +944,7 @@ def extract_to_file_ray(
     progress: bool = True,
     worker_class: type[ActivationWorker] = ActivationWorker,
     stats: dict[str, Any] | None = None,
+    positive_ids: Sequence[int] | None = None,
 ) -> np.ndarray:
     """:func:`neuronprobe.activations.extract_to_file` with the forward passes on Ray actors.
 
@@ -957,7 +966,7 @@ def extract_to_file_ray(
     model:
         The driver's loaded copy of the model, used only for its layer count and site width;
         without it (and without ``identity``) one Ray task loads the model to find them.
-    layers, site, position, batch_size:
+    layers, site, position, batch_size, positive_ids:
         As :func:`~neuronprobe.activations.extract_to_file`; batches are ``batch_size``
         consecutive contexts from multiples of ``batch_size``, as there.
     device, dtype:
@@ -1013,12 +1022,12 @@ def extract_to_file_ray(
         chosen = resolve_layers(layers, n_layers)
         shape = (len(chosen), tokens.shape[0], width)
         store = ActivationFile.for_path(
-            path, activation_key(identity, tokens, chosen, site, position, shape)
+            path, activation_key(identity, tokens, chosen, site, position, shape, positive_ids)
         )
         finished = store.finished()
         if finished is not None:
             return finished
-        out, done = store.open(shape)
+        out, logprob, done = store.open(shape)
         firsts = list(range(done, tokens.shape[0], batch_size))
         if num_gpus_per_actor is None:
             num_gpus_per_actor = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
@@ -1028,12 +1037,14 @@ def extract_to_file_ray(
                 tokens,
                 firsts,
                 out,
+                logprob,
                 store,
                 done,
                 model_name=model_name,
                 layers=chosen,
                 site=site,
                 position=position,
+                positive_ids=positive_ids,
                 batch_size=batch_size,
                 device=device,
                 dtype=dtype,
@@ -1051,7 +1062,7 @@ def extract_to_file_ray(
                     disable=not progress,
                 ),
             )
-        return store.finish(out)
+        return store.finish(out, logprob)
 
 
 def _extract_batches(
@@ -1059,6 +1070,7 @@ def _extract_batches(
     tokens: np.ndarray,
     firsts: list[int],
     out: np.ndarray,
+    logprob: np.ndarray | None,
     store: ActivationFile,
     done: int,
     *,
@@ -1066,6 +1078,7 @@ def _extract_batches(
     layers: list[int],
     site: str,
     position: int,
+    positive_ids: Sequence[int] | None,
     batch_size: int,
     device: str,
     dtype: str,
@@ -1119,6 +1132,7 @@ def _extract_batches(
                 "position": position,
                 "device": device,
                 "dtype": dtype,
+                "positive_ids": list(positive_ids) if positive_ids else None,
             },
             batch_size=1,
             batch_format="numpy",
@@ -1136,14 +1150,20 @@ def _extract_batches(
                 if first_arrival is None:
                     first_arrival = time.perf_counter()
                     first_count = int(np.sum(batch["count"]))
-                for first, count, values in zip(
-                    batch["first"].tolist(), batch["count"].tolist(), batch["values"], strict=True
+                for first, count, values, answer in zip(
+                    batch["first"].tolist(),
+                    batch["count"].tolist(),
+                    batch["values"],
+                    batch["logprob"],
+                    strict=True,
                 ):
                     if first not in remaining:
                         logger.warning("batch at context %d arrived twice; kept the first", first)
                         continue
                     remaining.discard(first)
                     out[:, first : first + count] = values[:, :count]
+                    if logprob is not None:
+                        logprob[first : first + count] = answer[:count]
                     finished_ahead.add(first)
                     bar.update(count)
                     advanced = prefix
@@ -1152,7 +1172,7 @@ def _extract_batches(
                         advanced = min(advanced + batch_size, n_contexts)
                     if advanced != prefix:
                         prefix = advanced
-                        store.checkpoint(out, prefix)
+                        store.checkpoint(out, prefix, logprob)
         finally:
             bar.close()
     finished = time.perf_counter()

@@ -5,7 +5,9 @@ Entry points, each returning a matplotlib ``Figure``:
 - :func:`neuron_figure`: part 3a, betas by neuron and p-values against betas, train and test
   accuracy, for one layer;
 - :func:`accuracy_figure`: part 3b, distributions of train and test accuracy for one layer;
-- :func:`layers_figure`: part 4, the laminar profile.
+- :func:`layers_figure`: part 4, the laminar profile;
+- :func:`interventions_figure`: the drop of the model's own AUC when the strongest neurons are
+  changed, against random neurons of the same layer.
 
 :func:`save_figure` writes PNG (300 dpi, as the notebook's ``savefig.dpi``) and SVG.
 """
@@ -298,5 +300,136 @@ def control_figure(layers: pd.DataFrame) -> Figure:
             ),
         )
         ax.legend(fontsize=8)
+        fig.tight_layout()
+    return fig
+
+
+#: The columns :func:`interventions_figure` reads from an interventions table.
+_INTERVENTION_COLUMNS = (
+    "layer",
+    "k_label",
+    "selection",
+    "draw",
+    "ablation",
+    "delta_logodds_positive",
+    "delta_logodds_negative",
+)
+
+
+def interventions_figure(interventions: pd.DataFrame, *, positive: str, negative: str) -> Figure:
+    """Does the model use the significant neurons? How much changing them narrows the gap
+    between the model's own log-odds in the two classes, against the same change to random
+    neurons of the same layer.
+
+    One panel per ``k_label`` (``"10"``, ``"all"``...), in the table's order; per layer (x
+    axis, the whole model, layer -1, as a separate point "all layers" at the right): the effect
+    of changing the top-k neurons as a purple diamond, the random draws as grey points over a
+    grey band from their smallest to their largest effect. Effect = ``delta_logodds_negative -
+    delta_logodds_positive`` (above the zero line: the model's answer differs less between the
+    classes after the change; see :func:`neuronprobe.report.intervention_effects`). A layer
+    without a top row (no significant neuron) has no diamond.
+
+    Parameters
+    ----------
+    interventions:
+        The run's ``interventions.parquet``: one row per intervention, with the columns
+        ``layer, k_label, selection ("top"|"random"), draw, ablation, delta_logodds_positive,
+        delta_logodds_negative``.
+    positive, negative:
+        The two classes' names, for the axis label.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        The top-k diamonds of each panel are one line with ``gid="top"``; the random draws one
+        with ``gid="random"``.
+
+    Raises
+    ------
+    ValueError
+        If a column is missing.
+    """
+    missing = [c for c in _INTERVENTION_COLUMNS if c not in interventions.columns]
+    if missing:
+        raise ValueError(f"the interventions table has no column {missing[0]!r}")
+    plt = _pyplot()
+    table = interventions.assign(
+        effect=interventions["delta_logodds_negative"].astype(float)
+        - interventions["delta_logodds_positive"].astype(float)
+    )
+    labels = list(dict.fromkeys(str(label) for label in table["k_label"])) or ["all"]
+    layers = sorted(int(layer) for layer in table["layer"].unique() if int(layer) != -1)
+    positions = {layer: float(i) for i, layer in enumerate(layers)}
+    ticks = [str(layer) for layer in layers]
+    if (table["layer"] == -1).any():
+        positions[-1] = len(layers) + 0.5  # apart from the layers: it is not one of them
+        ticks.append("all layers")
+    random = table[table["selection"] == "random"]
+    draws = int(random.groupby(["layer", "k_label"]).size().max()) if len(random) else 0
+    ablations = "/".join(dict.fromkeys(str(a) for a in table["ablation"])) or "no"
+    with plt.rc_context(STYLE):
+        fig, axs = plt.subplots(
+            len(labels), 1, figsize=(max(9.0, 0.35 * len(positions) + 4), 3.2 * len(labels)),
+            squeeze=False,
+        )  # fmt: skip
+        for ax, label in zip(axs[:, 0], labels, strict=True):
+            rows = table[table["k_label"].astype(str) == label]
+            ax.axhline(0, color="k", linewidth=0.6)
+            if -1 in positions and len(layers):
+                ax.axvline(len(layers) - 0.25, color=[0.8, 0.8, 0.8], linestyle=":", linewidth=1)
+            drawn = rows[rows["selection"] == "random"]
+            spans = drawn.groupby("layer")["effect"].agg(["min", "max"])
+            x_band = [positions[int(layer)] for layer in spans.index]
+            band = ax.bar(
+                x_band,
+                (spans["max"] - spans["min"]).to_numpy(),
+                width=0.5,
+                bottom=spans["min"].to_numpy(),
+                color=[0.85, 0.85, 0.85],
+                edgecolor=[0.6, 0.6, 0.6],
+                linewidth=0.5,
+                label="range of the random draws",
+            )
+            for patch in band:  # a band's ends are data, not where the axis must stop
+                patch.sticky_edges.y.clear()
+            ax.plot(
+                [positions[int(layer)] for layer in drawn["layer"]],
+                drawn["effect"].to_numpy(),
+                "o",
+                color=[0.45, 0.45, 0.45],
+                markersize=3,
+                gid="random",
+                label="random neurons, same layer",
+            )
+            top = rows[rows["selection"] == "top"]
+            top = top.iloc[np.argsort([positions[int(x)] for x in top["layer"]], kind="stable")]
+            ax.plot(
+                [positions[int(layer)] for layer in top["layer"]],
+                top["effect"].to_numpy(),
+                "D",
+                color="#6b2c91",
+                markersize=7,
+                gid="top",
+                label="strongest significant neurons",
+            )
+            what = (
+                "All significant neurons of each layer changed"
+                if label == "all"
+                else f"The {label} strongest significant neurons of each layer changed "
+                "(all, where fewer)"
+            )
+            ax.set_xticks(list(positions.values()), ticks, fontsize=8 if len(ticks) > 30 else 10)
+            ax.set_xlim(-0.75, max(positions.values(), default=0.0) + 0.75)
+            ax.set(
+                xlabel="Layer",
+                ylabel=f"Log-odds gap narrowed\n(“{positive}” vs “{negative}”)",
+                title=what,
+            )
+            ax.legend(fontsize=8)
+        fig.suptitle(
+            f"{ablations.capitalize()} ablation: top neurons vs. {draws} random draws from the "
+            "same layer",
+            fontweight="bold",
+        )
         fig.tight_layout()
     return fig

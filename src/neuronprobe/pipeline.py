@@ -1,4 +1,5 @@
-"""The whole experiment as one call: text -> contexts -> activations -> statistics -> outputs.
+"""The whole experiment as one call: text -> contexts -> activations -> statistics ->
+interventions -> outputs.
 
 Entry point: :func:`run`. Each stage is a plain function of its own module; this module only
 calls them in order, writes their results into the run directory (see
@@ -33,8 +34,15 @@ from neuronprobe.activations import (
     extract_to_file,
     hook_points,
     resolve_layers,
+    site_width,
 )
-from neuronprobe.config import RESUMABLE_CHANGES, STATISTICS_SETTINGS, RunConfig
+from neuronprobe.config import (
+    INTERVENTION_SETTINGS,
+    RESUMABLE_CHANGES,
+    STATISTICS_SETTINGS,
+    RunConfig,
+    check_ablate_k,
+)
 from neuronprobe.contexts import (
     Contexts,
     collect_contexts,
@@ -113,9 +121,10 @@ STAGE_SETTINGS = {
     "contexts": CONTEXT_SETTINGS,
     "activations": ACTIVATION_SETTINGS,
     "statistics": STATISTICS_SETTINGS,
+    "interventions": INTERVENTION_SETTINGS,
 }
 #: The stages in order; each needs the files of those before it.
-STAGES = ("contexts", "activations", "statistics", "report")
+STAGES = ("contexts", "activations", "statistics", "interventions", "report")
 _ACTIVATION_FILES = ActivationFile(Path(rundir.ACTIVATIONS), {})
 #: Everything a run writes into its directory (what ``--force`` sets aside).
 RUN_FILES = (
@@ -125,9 +134,13 @@ RUN_FILES = (
     _ACTIVATION_FILES.described.name,
     _ACTIVATION_FILES.partial.name,
     _ACTIVATION_FILES.progress_file.name,
+    _ACTIVATION_FILES.logprob_path.name,
+    _ACTIVATION_FILES.logprob_partial.name,
     rundir.NEURONS,
     rundir.NEURONS_CSV,
     rundir.LAYERS,
+    rundir.SPLIT,
+    rundir.INTERVENTIONS,
     rundir.FIGURES,
     rundir.REPORT,
 )
@@ -138,14 +151,25 @@ def stage_files(stage: str, directory: Path, record: dict[str, Any]) -> list[str
     if stage == "contexts":
         return [rundir.CONTEXTS]
     if stage == "activations":
-        return [rundir.ACTIVATIONS, _ACTIVATION_FILES.described.name]
+        files = [rundir.ACTIVATIONS, _ACTIVATION_FILES.described.name]
+        if record.get("activations", {}).get("positive_first_ids"):
+            files.append(_ACTIVATION_FILES.logprob_path.name)
+        return files
     if stage == "statistics":
+        # split.csv where run.json names it (run directories from before it have none).
+        split = [rundir.SPLIT] if record.get("statistics", {}).get("split_file") else []
         return [
             rundir.NEURONS,
             rundir.NEURONS_CSV,
             rundir.LAYERS,
-            *rundir.figure_files(directory, record),
+            *split,
+            *rundir.figure_files(directory, record, ("statistics",)),
         ]
+    if stage == "interventions":
+        # Nothing where the stage had nothing to do (--no-interventions, another position).
+        if "figures" not in record.get("interventions", {}):
+            return []
+        return [rundir.INTERVENTIONS, *rundir.figure_files(directory, record, ("interventions",))]
     return [rundir.REPORT]
 
 
@@ -192,8 +216,9 @@ def open_run_directory(
         raise NeuronprobeError(
             f"--out {out} already holds a different run ({refusal}); choose another --out, "
             f"`neuronprobe run --out {out} --resume` to finish that run with its own settings, "
-            "`neuronprobe probe` to refit it with other statistics settings, or --force to "
-            "start anew there (the earlier files move to history/)."
+            "`neuronprobe probe` to refit it with other statistics settings, `neuronprobe "
+            "intervene` to redo its interventions with other settings, or --force to start "
+            "anew there (the earlier files move to history/)."
         )
     return earlier
 
@@ -373,7 +398,7 @@ def run(
         corpus = None
         if "contexts" not in finished:
             corpus = open_corpus(config.corpus, text_column=config.text_column)
-        if _heavy_stage_left(finished, stop_after):
+        if _model_needed(config, finished, stop_after):
             check_model(config.model, device=config.device)
         record = _start_record(config, earlier, finished)
         earlier_record = _read_bytes(directory / rundir.RUN_JSON)
@@ -402,12 +427,19 @@ def run(
                     # input, it leaves nothing behind, and an earlier run.json as it was.
                     _restore(directory / rundir.RUN_JSON, earlier_record)
                 raise
-        del loaded  # the statistics need neither the model nor Ray: free the model's memory
         if stop_after is not None:
             return _finish(directory, record)
         with _marked_if_stopped(record, directory):
             return _statistics_and_report(
-                config, contexts, activations, layers, directory, record, finished, progress
+                config,
+                contexts,
+                activations,
+                layers,
+                directory,
+                record,
+                finished,
+                progress,
+                loaded,
             )
 
 
@@ -488,7 +520,17 @@ def _start_record(
     now = datetime.now(UTC).isoformat(timespec="seconds")
     record: dict[str, Any] = {"status": "running", "stages": {}, "started": now}
     if earlier is not None:
-        kept = ("started", "model", "contrast", "corpus", "counts", "activations", "statistics")
+        kept = (
+            "started",
+            "model",
+            "contrast",
+            "corpus",
+            "counts",
+            "activations",
+            "statistics",
+            "behavior",
+            "interventions",
+        )
         record.update({key: earlier[key] for key in kept if key in earlier})
         record["resumed"] = [*earlier.get("resumed", []), now]
         record["stages"] = dict.fromkeys(
@@ -527,6 +569,28 @@ def _heavy_stage_left(finished: set[str], stop_after: str | None) -> bool:
     return "activations" not in finished
 
 
+def _model_needed(config: RunConfig, finished: set[str], stop_after: str | None) -> bool:
+    """Whether a stage still to run needs the model: the contexts, the activations, or the
+    interventions (which run it again with neurons changed)."""
+    if _heavy_stage_left(finished, stop_after):
+        return True
+    return stop_after is None and "interventions" not in finished and config.interventions
+
+
+def _no_interventions(config: RunConfig) -> str | None:
+    """Why this run does no interventions, or None when it does."""
+    if not config.interventions:
+        return "--no-interventions"
+    if config.position != -1:
+        # The neurons were read at another token: changing them at the last one would test
+        # something the statistics did not find.
+        return (
+            f"--position {config.position}: the interventions change neurons at the last token, "
+            "where this run did not read them"
+        )
+    return None
+
+
 def _model_stage(
     config: RunConfig, record: dict[str, Any], finished: set[str], stop_after: str | None
 ) -> tuple[LoadedModel | None, list[int]]:
@@ -536,12 +600,14 @@ def _model_stage(
     record; fills ``record``'s ``model`` and ``contrast``.
     """
     loaded = None
-    if _heavy_stage_left(finished, stop_after):
+    if _model_needed(config, finished, stop_after):
         with _timed(record["timings_s"], "model"):
             loaded = load_model(config.model, device=config.device, dtype=config.dtype)
             n_layers = len(hook_points(loaded.model, config.site))
             layers = resolve_layers(config.layers, n_layers)
             contrast_ids = resolve_contrast(config.contrast, loaded.tokenizer)
+            if stop_after is None and _no_interventions(config) is None:
+                check_ablate_k(config.ablate_k, site_width(loaded.model, config.site))
         record["model"] = {**loaded.identity, "layers": n_layers}
         record["contrast"] = {
             **config.contrast.__dict__,
@@ -613,6 +679,7 @@ def _contexts_and_activations(
 
     if "activations" in finished:
         logger.info("reusing the activations in %s", directory / rundir.ACTIVATIONS)
+        _add_model_answer(directory)
         return contexts, np.load(directory / rundir.ACTIVATIONS, mmap_mode="r")
     assert loaded is not None
     with _stage(record, directory, "activations"):
@@ -624,6 +691,7 @@ def _contexts_and_activations(
             "position": config.position,
             "batch_size": config.batch_size,
             "progress": progress,
+            "positive_ids": positive_first_ids(record),
         }
         if on_ray:
             from neuronprobe.distributed import extract_to_file_ray
@@ -649,8 +717,48 @@ def _contexts_and_activations(
             "layers": layers,
             "site": config.site,
             "position": config.position,
+            "positive_first_ids": positive_first_ids(record),
         }
+        _add_model_answer(directory)
     return contexts, activations
+
+
+def positive_first_ids(record: dict[str, Any]) -> list[int]:
+    """The first tokens of the positive followers (``run.json``'s ``contrast.positive_ids``):
+    the tokens whose total probability at the last token is the model's own answer."""
+    return sorted({int(ids[0]) for ids in record["contrast"]["positive_ids"] if ids})
+
+
+def _add_model_answer(directory: Path) -> None:
+    """Add the model's own answer, stored beside the activations, to ``contexts.parquet``:
+    ``logprob_positive`` (log P of the positive followers' first tokens at the last token) and
+    ``logodds_positive`` (log P - log(1 - P)). Nothing to add for activations recorded
+    without it (run directories from before it existed)."""
+    from neuronprobe.activations import load_logprob, logodds
+
+    logprob = load_logprob(directory / rundir.ACTIVATIONS)
+    if logprob is None:
+        return
+    table = pd.read_parquet(directory / rundir.CONTEXTS)
+    answer = {"logprob_positive": logprob[:, 0], "logodds_positive": logodds(logprob)}
+    if all(
+        name in table and np.array_equal(table[name].to_numpy(), values)
+        for name, values in answer.items()
+    ):
+        return
+    for name, values in answer.items():
+        table[name] = values
+    with rundir.atomic_path(directory / rundir.CONTEXTS) as temporary:
+        table.to_parquet(temporary, index=False)
+
+
+def model_logodds(directory: Path) -> np.ndarray | None:
+    """``logodds_positive`` of every context (``contexts.parquet``), or None where the run
+    recorded no model answer."""
+    table = pd.read_parquet(directory / rundir.CONTEXTS)
+    if "logodds_positive" not in table:
+        return None
+    return table["logodds_positive"].to_numpy(dtype=np.float64)
 
 
 def _statistics_and_report(
@@ -662,8 +770,10 @@ def _statistics_and_report(
     record: dict[str, Any],
     finished: set[str],
     progress: bool,
+    loaded: LoadedModel | None = None,
 ) -> RunResult:
-    """The statistics, tables and figures (or the finished ones), then the report."""
+    """The statistics, tables and figures (or the finished ones), the interventions, then the
+    report."""
     outputs: tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]
     if "statistics" in finished:
         logger.info("reusing the statistics in %s", directory / rundir.NEURONS)
@@ -683,10 +793,213 @@ def _statistics_and_report(
             record,
             progress,
         )
+    if "interventions" not in finished:
+        if activations is None:
+            activations = np.load(directory / rundir.ACTIVATIONS, mmap_mode="r")
+        _interventions_stage(
+            config, loaded, contexts, activations, layers, directory, record, progress
+        )
     result = _finish(directory, record)
     if "report" not in finished:
         _report(directory, record)
     result.neurons, result.layers, result.figures = outputs
+    return result
+
+
+def _interventions_stage(
+    config: RunConfig,
+    loaded: LoadedModel | None,
+    contexts: Contexts,
+    activations: Any,
+    layers: list[int],
+    directory: Path,
+    record: dict[str, Any],
+    progress: bool,
+) -> None:
+    """Change the strongest significant neurons of each layer (and random ones, the control) at
+    the last token of the held-out contexts and record the model's own prediction:
+    ``interventions.parquet``, ``figures/interventions``, ``run.json``'s ``interventions``."""
+    with _stage(record, directory, "interventions"):
+        reason = _no_interventions(config)
+        if reason is not None:
+            logger.info("no interventions: %s", reason)
+            record["interventions"] = {"skipped": reason}
+            return
+        assert loaded is not None, "the interventions need the model"
+        from neuronprobe.figures import interventions_figure, save_figure
+        from neuronprobe.interventions import intervention_sweep
+
+        split = pd.read_csv(directory / rundir.SPLIT)["split"].to_numpy()
+        table = intervention_sweep(
+            loaded.model,
+            contexts.tokens,
+            contexts.labels,
+            split == "train",
+            activations,
+            layers,
+            rundir.read_neurons(directory),
+            positive_ids=positive_first_ids(record),
+            site=config.site,
+            test=config.test,
+            ablation=config.ablation,
+            ablate_k=config.ablate_k,
+            random_draws=config.random_draws,
+            seed=config.seed,
+            batch_size=config.batch_size,
+            progress=progress,
+        )
+        with rundir.atomic_path(directory / rundir.INTERVENTIONS) as temporary:
+            table.to_parquet(temporary, index=False)
+        figures = []
+        if len(table):
+            contrast = record["contrast"]
+            figure = interventions_figure(
+                table,
+                positive=str(contrast.get("positive_name", "positive")),
+                negative=str(contrast.get("negative_name", "negative")),
+            )
+            save_figure(figure, directory / rundir.FIGURES / "interventions")
+            figures.append("interventions")
+        else:  # no layer has a significant neuron: nothing to draw (the report says so)
+            for stale in (directory / rundir.FIGURES).glob("interventions.*"):
+                stale.unlink()
+        record["interventions"] = {
+            "file": rundir.INTERVENTIONS,
+            "rows": len(table),
+            "ablation": config.ablation,
+            "ablate_k": list(config.ablate_k),
+            "random_draws": config.random_draws,
+            "site": config.site,
+            "seed": config.seed,
+            "contexts": int((split == "test").sum()),
+            "position": "the last token",
+            "figures": figures,
+            "inputs_sha256": intervention_inputs(directory, layers, config.test),
+        }
+
+
+def intervention_inputs(directory: Path, layers: list[int], test: str) -> str:
+    """What the interventions chose from: the split and each layer's significant neurons in
+    their order (:func:`neuronprobe.tables.top_neurons`), as one SHA-256 (``run.json``'s
+    ``interventions.inputs_sha256``). A refit that keeps both keeps the interventions."""
+    import hashlib
+
+    from neuronprobe.tables import top_neurons
+
+    neurons = rundir.read_neurons(directory)
+    ranked = {
+        str(layer): top_neurons(neurons[neurons["layer"] == layer], len(neurons), test=test)[
+            "neuron"
+        ].tolist()
+        for layer in layers
+    }
+    digest = hashlib.sha256((directory / rundir.SPLIT).read_bytes())
+    digest.update(json.dumps(ranked).encode())
+    return digest.hexdigest()
+
+
+def _keep_or_drop_interventions(
+    directory: Path,
+    record: dict[str, Any],
+    earlier: dict[str, Any] | None,
+    whole: bool,
+    config: RunConfig,
+) -> None:
+    """After a refit: the interventions stay when they were whole and the refit kept the split
+    and the significant neurons they chose from; otherwise they go (a copy is in the refit's
+    history/ folder) and ``neuronprobe intervene`` redoes them."""
+    if earlier is None:
+        return
+    layers = list(record["activations"]["layers"])
+    done = "figures" in earlier
+    if whole and (
+        not done
+        or earlier.get("inputs_sha256") == intervention_inputs(directory, layers, config.test)
+    ):
+        record["interventions"] = earlier  # still right (or skipped, and skipped still)
+        record["stages"]["interventions"] = "complete"
+        return
+    if not done:
+        return
+    interventions = {"interventions": earlier}
+    stale = [
+        rundir.INTERVENTIONS,
+        *rundir.figure_files(directory, interventions, ("interventions",)),
+    ]
+    for name in stale:
+        (directory / name).unlink(missing_ok=True)
+    logger.warning(
+        "the refit changed the split or the significant neurons that the interventions chose "
+        "from: they are kept in history/ only; `neuronprobe intervene --out %s` redoes them",
+        directory,
+    )
+
+
+def intervene(
+    out: Path | str,
+    *,
+    progress: bool = False,
+    device: str | None = None,
+    batch_size: int | None = None,
+    **changes: Any,
+) -> RunResult:
+    """(Re)do the interventions of a finished run: ``neuronprobe intervene --out RUN_DIR``.
+
+    Reads ``run.json``, the contexts, activations, neuron table and split of ``out``, applies
+    ``changes`` (any of :data:`~neuronprobe.config.INTERVENTION_SETTINGS`: ``ablation``,
+    ``ablate_k``, ``random_draws``), loads the run's model and writes
+    ``interventions.parquet``, ``figures/interventions`` and the report again; earlier
+    interventions are first copied to ``history/<time>-intervene/``.
+    """
+    directory = Path(out)
+    record = read_record(directory)
+    require_stage(directory, record, "statistics")
+    unknown = sorted(set(changes) - set(INTERVENTION_SETTINGS))
+    if unknown:
+        raise NeuronprobeError(
+            f"intervene cannot change {', '.join(unknown)}: only {', '.join(INTERVENTION_SETTINGS)}."
+        )
+    config = RunConfig.from_dict({**record["config"], **changes, "interventions": True})
+    config = dataclasses.replace(
+        config,
+        device=device if device is not None else config.device,
+        batch_size=batch_size if batch_size is not None else config.batch_size,
+    )
+    reason = _no_interventions(config)
+    if reason is not None:
+        raise NeuronprobeError(f"this run cannot do interventions: {reason}.")
+    check_ablate_k(config.ablate_k, int(record["activations"]["shape"][2]))
+    check_model(config.model, device=config.device)
+    with rundir.locked(directory):
+        loaded = load_model(config.model, device=config.device, dtype=config.dtype)
+        recorded = record.get("model", {}).get("weights_sha256")
+        if recorded and loaded.identity.get("weights_sha256") not in (None, recorded):
+            raise NeuronprobeError(
+                f"--model {config.model} does not hold the weights this run recorded "
+                f"(sha256 {recorded[:12]}...); the interventions must use the same model."
+            )
+        if (directory / rundir.INTERVENTIONS).exists():  # the earlier ones, kept
+            _archive(
+                directory,
+                record,
+                "intervene",
+                (rundir.INTERVENTIONS, rundir.FIGURES, rundir.REPORT),
+            )
+        contexts = load_contexts(directory / rundir.CONTEXTS)
+        activations = np.load(directory / rundir.ACTIVATIONS, mmap_mode="r")
+        record["config"] = config.to_dict()
+        record["status"] = "running"
+        record.pop("error", None)
+        record["stages"].pop("report", None)
+        layers = list(record["activations"]["layers"])
+        with _marked_if_stopped(record, directory):
+            _interventions_stage(
+                config, loaded, contexts, activations, layers, directory, record, progress
+            )
+        result = _finish(directory, record)
+        _report(directory, record)
+    result.neurons = rundir.read_neurons(directory)
+    result.layers = pd.read_csv(directory / rundir.LAYERS)
     return result
 
 
@@ -728,7 +1041,11 @@ def _statistics_and_figures(
     """Fit every neuron, write the tables and figures, and record the statistics in ``record``.
 
     ``activations`` is ``[layers, contexts, neurons]`` (a memory map is read layer by layer).
+    Writes ``split.csv`` (the split the fits used) and, where the contexts hold the model's
+    own answer, its held-out performance (``record["behavior"]``) and each neuron's
+    correlation with it (``behavior_corr``).
     """
+    from neuronprobe.behavior import behavior_correlation, behavior_summary
     from neuronprobe.figures import save_figure
     from neuronprobe.statistics import fit_neuron_logits
     from neuronprobe.tables import layer_table, neuron_table
@@ -754,7 +1071,28 @@ def _statistics_and_figures(
         neurons = neuron_table(
             fits, layers, config.significance, correction=config.correction, test=config.test
         )
+        logodds = model_logodds(directory)
+        record.pop("behavior", None)
+        if logodds is not None:
+            held_out = ~fits.train_mask
+            # neuron_table's rows are layer-major: [layers, neurons] flattened.
+            neurons["behavior_corr"] = behavior_correlation(activations, logodds, held_out).reshape(
+                -1
+            )
+            record["behavior"] = {
+                **behavior_summary(logodds, np.asarray(labels, dtype=bool), fits.train_mask),
+                "measure": "logodds_positive",
+                "positive_first_ids": positive_first_ids(record),
+            }
         layers_profile = layer_table(neurons)
+        split = pd.DataFrame(
+            {
+                "context": np.arange(len(fits.train_mask), dtype=np.int64),
+                "split": np.where(fits.train_mask, "train", "test"),
+            }
+        )
+        with rundir.atomic_path(directory / rundir.SPLIT) as temporary:
+            split.to_csv(temporary, index=False)
         with rundir.atomic_path(directory / rundir.NEURONS) as temporary:
             neurons.to_parquet(temporary, index=False)
         with rundir.atomic_path(directory / rundir.NEURONS_CSV) as temporary:
@@ -769,6 +1107,7 @@ def _statistics_and_figures(
         "alpha": config.alpha,
         "train_contexts": int(fits.train_mask.sum()),
         "test_contexts": int((~fits.train_mask).sum()),
+        "split_file": rundir.SPLIT,
         "split": (
             f"one stratified split shared by all neurons (test_size={config.test_size}, "
             f"seed={seed}" + (", whole documents on one side)" if config.split_by_document else ")")
@@ -853,6 +1192,11 @@ def probe(out: Path | str, *, progress: bool = False, **changes: Any) -> RunResu
     directory = Path(out)
     record = read_record(directory)
     require_stage(directory, record, "activations")
+    # Interventions finished and whole: kept if the refit keeps what they chose from.
+    interventions_whole = record.get("stages", {}).get("interventions") == "complete" and all(
+        rundir.file_problem(directory, name, record) is None
+        for name in stage_files("interventions", directory, record)
+    )
     unknown = sorted(set(changes) - set(STATISTICS_SETTINGS))
     if unknown:
         raise NeuronprobeError(
@@ -864,6 +1208,8 @@ def probe(out: Path | str, *, progress: bool = False, **changes: Any) -> RunResu
     _figure_layer(config, record)  # or refuse a --layer that was not recorded
     with rundir.locked(directory):
         _archive_statistics(directory, record)
+        earlier = record.pop("interventions", None)
+        record["stages"].pop("interventions", None)
         contexts = load_contexts(directory / rundir.CONTEXTS)
         activations = np.load(directory / rundir.ACTIVATIONS, mmap_mode="r")
         record["config"] = config.to_dict()
@@ -881,6 +1227,7 @@ def probe(out: Path | str, *, progress: bool = False, **changes: Any) -> RunResu
                 record,
                 progress,
             )
+            _keep_or_drop_interventions(directory, record, earlier, interventions_whole, config)
         result = _finish(directory, record)
         _report(directory, record)
     result.neurons, result.layers, result.figures = outputs
@@ -899,27 +1246,37 @@ def read_record(directory: Path) -> dict[str, Any]:
 
 
 def _archive_statistics(directory: Path, record: dict[str, Any]) -> None:
-    """Copy the current tables, figures and run.json to ``history/<time>-refit/``."""
+    """Copy the current tables, figures, interventions and run.json to ``history/<time>-refit/``."""
     if record.get("stages", {}).get("statistics") != "complete":
         return
-    target = rundir.history_folder(directory, "refit")
+    names = (
+        rundir.NEURONS,
+        rundir.NEURONS_CSV,
+        rundir.LAYERS,
+        rundir.SPLIT,
+        rundir.INTERVENTIONS,
+        rundir.FIGURES,
+        rundir.REPORT,
+    )
+    _archive(directory, record, "refit", names)
+
+
+def _archive(directory: Path, record: dict[str, Any], why: str, names: tuple[str, ...]) -> None:
+    """Copy ``names`` (those present) and run.json to ``history/<time>-<why>/``."""
+    if not any((directory / name).exists() for name in names):
+        return
+    target = rundir.history_folder(directory, why)
     # Copied into a temporary folder and renamed: history/ never holds a half-copied entry.
     with rundir.atomic_path(target) as temporary:
         temporary.mkdir()
-        for name in (
-            rundir.NEURONS,
-            rundir.NEURONS_CSV,
-            rundir.LAYERS,
-            rundir.FIGURES,
-            rundir.REPORT,
-        ):
+        for name in names:
             source = directory / name
             if source.is_dir():
                 shutil.copytree(source, temporary / name)
             elif source.is_file():
                 shutil.copy2(source, temporary / name)
         rundir.write_json(temporary / rundir.RUN_JSON, record)
-    logger.info("earlier statistics kept in %s", target)
+    logger.info("earlier results kept in %s", target)
 
 
 def _finish(directory: Path, record: dict[str, Any]) -> RunResult:

@@ -20,9 +20,11 @@ a function that returns its context. Every value a template shows is HTML-escape
 syntax or a URL shows as text and never becomes a tag or a link; only a figure's data URI is
 marked safe (:func:`_data_uri`).
 
-Two helpers are public because they are the report's decisions: :func:`top_neurons` (which
-neurons count as the strongest) and :func:`example_contexts` (the contexts that drive a neuron
-most and least).
+Three helpers are public because they are the report's decisions: :func:`top_neurons` (which
+neurons count as the strongest; from :mod:`neuronprobe.tables`, the order the interventions
+use too), :func:`example_contexts` (the contexts that drive a neuron
+most and least) and :func:`intervention_effects` (whether changing the strongest neurons moves
+the model more than changing random neurons of the same layer).
 """
 
 from __future__ import annotations
@@ -46,62 +48,13 @@ from markupsafe import Markup
 
 from neuronprobe import rundir
 from neuronprobe.errors import NeuronprobeError
+from neuronprobe.tables import top_neurons
 
 logger = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------------------------
-# The report's two decisions
+# The report's decisions
 # ----------------------------------------------------------------------------------------------
-
-
-def top_neurons(
-    neurons: pd.DataFrame,
-    n: int,
-    *,
-    significant_only: bool = True,
-    test: str | None = None,
-) -> pd.DataFrame:
-    """The ``n`` strongest neurons of a neuron table.
-
-    Strongest means: the smallest deciding p-value after the correction (``pvalue_adj``);
-    ties (frequent: Benjamini-Hochberg's adjusted p-values are step-wise, and capped at 1) are
-    broken by the smaller raw deciding p-value when ``test`` names it (``wald``: ``pvalue``,
-    ``lr``: ``pvalue_lr``), then by the larger ``abs(beta)``, then by layer and neuron, so the
-    order is total and reproducible. NaN p-values sort last.
-
-    Parameters
-    ----------
-    neurons:
-        A table from :func:`neuronprobe.tables.neuron_table` (``neurons.parquet``).
-    n:
-        How many neurons to return (fewer if fewer qualify).
-    significant_only:
-        Keep only the neurons marked ``significant`` (default). With False, the strongest
-        neurons whether or not they pass: the closest candidates of a run where none does.
-    test:
-        The run's deciding test (``run.json``'s ``statistics.test``), or None to break ties by
-        ``abs(beta)`` directly.
-
-    Returns
-    -------
-    pandas.DataFrame
-        The chosen rows, strongest first, with the table's columns and index.
-    """
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
-    rows = neurons[neurons["significant"].to_numpy(dtype=bool)] if significant_only else neurons
-    keys = pd.DataFrame(index=rows.index)
-    keys["adjusted"] = rows["pvalue_adj"].astype(float).fillna(np.inf)
-    if test is not None:
-        column = {"wald": "pvalue", "lr": "pvalue_lr"}.get(test)
-        if column is None:
-            raise ValueError(f"test must be 'wald', 'lr' or None, got {test!r}")
-        keys["raw"] = rows[column].astype(float).fillna(np.inf)
-    keys["strength"] = -rows["beta"].astype(float).abs().fillna(0.0)
-    keys["layer"] = rows["layer"]
-    keys["neuron"] = rows["neuron"]
-    order = keys.sort_values(list(keys.columns), kind="stable").index
-    return rows.loc[order[:n]]
 
 
 def example_contexts(
@@ -160,6 +113,150 @@ def example_contexts(
         part["activation"] = values[rows]
         parts.append(part)
     return pd.concat(parts, ignore_index=True)
+
+
+#: The file of a run directory that holds the interventions (one row per intervention).
+INTERVENTIONS = rundir.INTERVENTIONS
+
+#: The columns :func:`intervention_effects` reads.
+INTERVENTION_COLUMNS = (
+    "layer",
+    "k",
+    "k_label",
+    "selection",
+    "draw",
+    "auc_before",
+    "auc_after",
+    "delta_logodds_positive",
+    "delta_logodds_negative",
+)
+
+#: The verdicts of :func:`intervention_effects`.
+MORE_THAN_RANDOM = "more than random"
+NO_MORE_THAN_RANDOM = "no more than random neurons"
+NO_SIGNIFICANT_NEURON = "no significant neuron"
+NO_RANDOM_DRAWS = "no random draws"
+
+
+def intervention_effects(
+    interventions: pd.DataFrame,
+    *,
+    layers: Iterable[int] | None = None,
+    k_labels: Iterable[str] | None = None,
+) -> pd.DataFrame:
+    """Per layer and ``k_label``: the effect of changing the strongest neurons, against the same
+    change to random neurons of the same layer.
+
+    The effect of one intervention is how much it narrows the gap between the model's own
+    log-odds of the positive follower in the two classes: ``delta_logodds_negative -
+    delta_logodds_positive`` (the mean log-odds of positive contexts minus that of negative
+    contexts, before minus after; positive: the change made the model's answer less different
+    between the classes). A continuous measure: on a few hundred held-out contexts the AUC moves
+    in steps, and a small change leaves it where it was. For each ``(layer, k_label)``, the
+    ``top`` row's effect is set against the effects of its ``random`` rows (the draws).
+
+    Parameters
+    ----------
+    interventions:
+        The run's ``interventions.parquet``: one row per intervention, with at least the columns
+        ``layer`` (-1: the whole model), ``k``, ``k_label``, ``selection`` (``top`` or
+        ``random``), ``draw``, ``auc_before``, ``auc_after``; ``contexts``,
+        ``delta_logodds_positive`` and ``delta_logodds_negative`` are carried over where present.
+    layers:
+        The layers the interventions were asked of (the run's recorded layers), or None. A layer
+        of them without any row, and the whole model (-1), then get a row too, with the verdict
+        ``no significant neuron``: a layer without significant neurons has no intervention.
+    k_labels:
+        The ``k_label`` values to report, in order (``run.json``'s ``interventions.ablate_k``),
+        or None: those of the table, in the order they first appear.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per ``(k_label, layer)``, by ``k_label`` then by layer (the whole model last):
+
+        - ``layer``, ``k_label``; ``k`` (the top row's, else the draws'; missing without rows);
+        - ``contexts``, ``auc_before``, ``auc_after``, ``delta_logodds_positive``,
+          ``delta_logodds_negative``: the top row's (NaN without one);
+        - ``top_effect``: the top row's effect (NaN without one);
+        - ``draws``: how many random draws; ``random_mean``, ``random_sd`` (sample standard
+          deviation, ``ddof=1``), ``random_min``, ``random_max`` of their effects (NaN without
+          draws; ``random_sd`` NaN with fewer than 2);
+        - ``rank``: of the top effect among the top effect and the draws', 1 = the largest drop;
+          a draw that equals it ranks above it (``1 +`` the number of draws with an effect at
+          least as large), so rank 1 means larger than every draw; missing without a top row;
+        - ``z``: ``(top_effect - random_mean) / random_sd``, NaN where ``random_sd`` is 0 or NaN;
+        - ``verdict``: ``more than random`` (the top effect exceeds the largest draw's), ``no
+          more than random neurons`` (it does not), ``no significant neuron`` (no top row), or
+          ``no random draws`` (a top row without draws to compare it with).
+
+    Raises
+    ------
+    ValueError
+        If a column is missing, or a ``(layer, k_label)`` has more than one top row.
+    """
+    missing = [c for c in INTERVENTION_COLUMNS if c not in interventions.columns]
+    if missing:
+        raise ValueError(f"the interventions table has no column {missing[0]!r}")
+    table = interventions.assign(
+        layer=interventions["layer"].astype(int),
+        k_label=interventions["k_label"].astype(str),
+        effect=interventions["delta_logodds_negative"].astype(float)
+        - interventions["delta_logodds_positive"].astype(float),
+    )
+    labels = list(dict.fromkeys(table["k_label"] if k_labels is None else map(str, k_labels)))
+    asked = set() if layers is None else {int(layer) for layer in layers} | {-1}
+    rows = []
+    for label in labels:
+        part = table[table["k_label"] == label]
+        for layer in sorted(set(part["layer"]) | asked, key=lambda x: (x == -1, x)):
+            rows.append(_effect_row(part[part["layer"] == layer], layer, label))
+    columns = [
+        "layer", "k_label", "k", "contexts", "auc_before", "auc_after", "delta_logodds_positive",
+        "delta_logodds_negative", "top_effect", "draws", "random_mean", "random_sd", "random_min",
+        "random_max", "rank", "z", "verdict",
+    ]  # fmt: skip
+    effects = pd.DataFrame(rows, columns=columns)
+    for column in ("k", "contexts", "rank"):
+        effects[column] = effects[column].astype("Int64")
+    return effects.astype({"layer": int, "draws": int})
+
+
+def _effect_row(rows: pd.DataFrame, layer: int, label: str) -> dict[str, Any]:
+    """One row of :func:`intervention_effects` from the interventions of one layer and k."""
+    top = rows[rows["selection"] == "top"]
+    if len(top) > 1:
+        raise ValueError(f"layer {layer}, k_label {label!r} has {len(top)} top rows, not one")
+    drawn = rows[rows["selection"] == "random"]
+    effects = drawn["effect"].to_numpy(dtype=np.float64)
+    effects = effects[~np.isnan(effects)]
+    row: dict[str, Any] = {"layer": layer, "k_label": label, "draws": len(effects)}
+    for column in ("k", "contexts"):
+        source = top if len(top) else drawn
+        row[column] = int(source[column].iloc[0]) if column in source and len(source) else None
+    for column in ("auc_before", "auc_after", "delta_logodds_positive", "delta_logodds_negative"):
+        row[column] = float(top[column].iloc[0]) if column in top and len(top) else math.nan
+    top_effect = float(top["effect"].iloc[0]) if len(top) else math.nan
+    mean = float(effects.mean()) if len(effects) else math.nan
+    sd = float(effects.std(ddof=1)) if len(effects) >= 2 else math.nan
+    row.update(
+        top_effect=top_effect,
+        random_mean=mean,
+        random_sd=sd,
+        random_min=float(effects.min()) if len(effects) else math.nan,
+        random_max=float(effects.max()) if len(effects) else math.nan,
+        rank=None if math.isnan(top_effect) else 1 + int((effects >= top_effect).sum()),
+        z=(top_effect - mean) / sd if sd > 0 else math.nan,  # NaN > 0 is False
+    )
+    if not len(top):
+        row["verdict"] = NO_SIGNIFICANT_NEURON
+    elif not len(effects):
+        row["verdict"] = NO_RANDOM_DRAWS
+    elif top_effect > row["random_max"]:
+        row["verdict"] = MORE_THAN_RANDOM
+    else:
+        row["verdict"] = NO_MORE_THAN_RANDOM
+    return row
 
 
 # ----------------------------------------------------------------------------------------------
@@ -646,6 +743,34 @@ def _answer(run: RunFiles, facts: Facts, options: PageOptions) -> dict[str, Any]
         "control": control,
         "best": best,
         "weak_layers": _poorly_generalising_layers(run.neurons),
+        "behavior": _behavior(run),
+        "interventions": (run.directory / INTERVENTIONS).is_file(),
+    }
+
+
+def _behavior(run: RunFiles) -> dict[str, Any] | None:
+    """The model's own held-out AUC at telling the classes apart (``run.json``'s ``behavior``),
+    and the best single neuron's for comparison; None for a run without it."""
+    behavior = run.record.get("behavior")
+    if not isinstance(behavior, dict) or _is_missing(behavior.get("auc")):
+        return None
+    significant = run.neurons[run.neurons["significant"].to_numpy(dtype=bool)]
+    pool = significant if len(significant) else run.neurons
+    best = None
+    if "auc" in pool and pool["auc"].notna().any():
+        row = pool.loc[pool["auc"].astype(float).idxmax()]
+        best = {
+            "auc": f"{float(row.auc):.2f}",
+            "layer": int(row.layer),
+            "neuron": int(row.neuron),
+            "significant": bool(len(significant)),
+        }
+    accuracy, contexts = behavior.get("accuracy"), behavior.get("test_contexts")
+    return {
+        "auc": f"{float(behavior['auc']):.2f}",
+        "accuracy": None if _is_missing(accuracy) else _fixed(accuracy, 1),
+        "contexts": None if _is_missing(contexts) else _int(contexts),
+        "best": best,
     }
 
 
@@ -724,7 +849,13 @@ def _figures(run: RunFiles, facts: Facts, options: PageOptions) -> dict[str, Any
     for name, png in run.figures:
         # Which caption: the laminar profile, its control, a layer's neurons or accuracies.
         match = re.fullmatch(r"(neurons|accuracy)_layer(-?\d+)", name)
-        kind = name if name in ("layers", "control") else match.group(1) if match else "other"
+        kind = (
+            name
+            if name in ("layers", "control", "interventions")
+            else match.group(1)
+            if match
+            else "other"
+        )
         figures.append(
             {
                 "name": name,
@@ -812,6 +943,203 @@ def _neuron_examples(
             )
         blocks.append({**row, "ends": ends})
     return blocks
+
+
+# How each ablation sets a changed neuron: the phrase after "Setting the neurons ...", with
+# {its} for "its"/"their", and one sentence that says what it means.
+_ABLATIONS = {
+    "mean": (
+        "to {its} training mean",
+        "each changed neuron is set to its mean over the training contexts, so that it no longer "
+        "varies with the context but keeps its usual level",
+    ),
+    "zero": (
+        "to zero",
+        "each changed neuron is set to 0, whatever the context",
+    ),
+    "patch": (
+        "to {its} values from contexts of the other class",
+        "each changed neuron is given the value it takes on a context of the other class "
+        "(activation patching), as if the model were reading the other kind of context",
+    ),
+}
+
+
+def _and(items: list[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _layers_words(layers: list[int]) -> str:
+    return ("layer " if len(layers) == 1 else "layers ") + _and([str(x) for x in layers])
+
+
+def _neurons_words(k: int) -> str:
+    return "1 neuron" if k == 1 else f"{k:,} neurons"
+
+
+def _auc_pair(before: float, after: float) -> tuple[str, str]:
+    """Both AUCs with 2 decimals, or as many more (up to 4) as it takes to tell them apart."""
+    for digits in (2, 3, 4):
+        shown = f"{before:.{digits}f}", f"{after:.{digits}f}"
+        if shown[0] != shown[1]:
+            break
+    return shown
+
+
+def _intervention_sentence(row: Any, label: str, ablation: str) -> str:
+    """One intervention in plain words: what was changed, the AUC before and after, how it
+    compares with the random draws."""
+    k, layer = int(row.k), int(row.layer)
+    if layer == -1:
+        if label == "all":
+            subject = f"every significant neuron of every layer at once ({_neurons_words(k)})"
+        else:
+            subject = f"the {label} strongest significant neurons of every layer at once "
+            subject += f"({_neurons_words(k)})"
+    elif label == "all":
+        subject = (
+            f"the one significant neuron of layer {layer}"
+            if k == 1
+            else f"all {k:,} significant neurons of layer {layer}"
+        )
+    elif label.isdigit() and k < int(label):
+        subject = f"the {'only' if k == 1 else k} significant neuron{'s' * (k != 1)} of layer "
+        subject += f"{layer} (it has fewer than {label})"
+    else:
+        subject = f"the strongest neuron of layer {layer}" if k == 1 else (
+            f"the {k:,} strongest neurons of layer {layer}"
+        )  # fmt: skip
+    setting = _ABLATIONS.get(ablation, (f"by {ablation} ablation", ""))[0]
+    setting = setting.format(its="its" if k == 1 else "their")
+    before, after = _auc_pair(row.auc_before, row.auc_after)
+    auc = f"held-out AUC {before} → {after}" if before != after else f"held-out AUC {before}"
+    if row.top_effect > 0:
+        change = "narrows the gap between the model's own log-odds in the two classes by "
+        change += f"{row.top_effect:.3f} ({auc})"
+    elif row.top_effect < 0:
+        change = "widens the gap between the model's own log-odds in the two classes by "
+        change += f"{-row.top_effect:.3f} ({auc})"
+    else:
+        change = (
+            f"leaves the gap between the model's own log-odds in the two classes as it was ({auc})"
+        )
+    where = "the same layers" if layer == -1 else "the same layer"
+    draws = f"{int(row.draws)} random draw{'s' * (int(row.draws) != 1)} of {_neurons_words(k)}"
+    if row.verdict == MORE_THAN_RANDOM:
+        compared = f"more than any of {draws} from {where}"
+    elif row.verdict == NO_MORE_THAN_RANDOM:
+        compared = (
+            f"no more than random neurons: {int(row.rank) - 1} of {draws} from {where} "
+            "narrow it as much or more"
+        )
+    else:
+        compared = "with no random draws to compare it with"
+    z = "" if _is_missing(row.z) else f" (z = {row.z:.1f})"
+    return f"Setting {subject} {setting} {change}, {compared}{z}."
+
+
+def _effect_cells(row: Any) -> dict[str, Any]:
+    """One row of a section's table, formatted."""
+    has_top = not _is_missing(row.top_effect)
+    spread = "–"
+    if row.draws:
+        sd = "–" if _is_missing(row.random_sd) else f"{row.random_sd:.3f}"
+        spread = f"{row.random_mean:+.3f} ± {sd}"
+    return {
+        "layer": "all layers" if row.layer == -1 else str(row.layer),
+        "k": _int(None if pd.isna(row.k) else row.k),
+        "auc": f"{row.auc_before:.3f} → {row.auc_after:.3f}" if has_top else "–",
+        "top": f"{row.top_effect:+.3f}" if has_top else "–",
+        "random": spread,
+        "range": f"{row.random_min:+.3f} to {row.random_max:+.3f}" if row.draws else "–",
+        "rank": f"{row.rank} of {row.draws + 1}" if has_top else "–",
+        "z": "–" if _is_missing(row.z) else f"{row.z:.1f}",
+        "positive": "–" if not has_top else _signed(row.delta_logodds_positive),
+        "negative": "–" if not has_top else _signed(row.delta_logodds_negative),
+        "verdict": row.verdict,
+        "more": row.verdict == MORE_THAN_RANDOM,
+    }
+
+
+def _signed(value: Any) -> str:
+    return "–" if _is_missing(value) else f"{float(value):+.2f}"
+
+
+def _interventions(run: RunFiles, facts: Facts, options: PageOptions) -> dict[str, Any] | None:
+    """Does the model use the neurons? Its own AUC when the strongest neurons are changed,
+    against random neurons of the same layer (``interventions.parquet``; None without it)."""
+    path = run.directory / INTERVENTIONS
+    if not path.is_file():
+        return None
+    fix = f"`neuronprobe run --out {run.directory} --resume` recomputes it"
+    try:
+        table = pd.read_parquet(path)
+        missing = [c for c in INTERVENTION_COLUMNS if c not in table.columns]
+        if missing:
+            raise ValueError(f"it has no column {missing[0]!r}")
+    except (OSError, ValueError) as error:
+        raise NeuronprobeError(
+            f"{path} is not a readable interventions table ({' '.join(str(error).split())}); {fix}."
+        ) from error
+    settings = run.record.get("interventions", {})
+    ablations = list(dict.fromkeys(str(a) for a in table.get("ablation", [])))
+    ablation = str(settings.get("ablation", ablations[0] if ablations else "mean"))
+    if "ablation" in table.columns:
+        table = table[table["ablation"].astype(str) == ablation]
+    effects = intervention_effects(
+        table, layers=facts.layer_numbers, k_labels=settings.get("ablate_k")
+    )
+    draws = int(settings.get("random_draws", effects["draws"].max() if len(effects) else 0))
+    contexts = settings.get("contexts")
+    if contexts is None and "contexts" in table.columns and len(table):
+        contexts = int(table["contexts"].max())
+    groups = []
+    for label, part in effects.groupby("k_label", sort=False):
+        label = str(label)
+        layers_part = part[part["layer"] != -1]
+        with_top = layers_part[layers_part["top_effect"].notna()]
+        more = with_top[with_top["verdict"] == MORE_THAN_RANDOM]
+        lead = None
+        featured = more if len(more) else with_top
+        if len(featured):
+            # A row as a named tuple: a Series' .rank would be its method, not the column.
+            best = next(featured.loc[[featured["top_effect"].idxmax()]].itertuples())
+            lead = _intervention_sentence(best, label, ablation)
+        not_more = with_top[with_top["verdict"] == NO_MORE_THAN_RANDOM]
+        none = layers_part[layers_part["verdict"] == NO_SIGNIFICANT_NEURON]
+        whole = part[(part["layer"] == -1) & part["top_effect"].notna()]
+        groups.append(
+            {
+                "label": label,
+                "what": "all significant neurons of each layer"
+                if label == "all"
+                else f"the {label} strongest significant neurons of each layer",
+                "lead": lead,
+                "more": _layers_words([int(x) for x in more["layer"]]) if len(more) else None,
+                "not_more": _layers_words([int(x) for x in not_more["layer"]])
+                if len(not_more)
+                else None,
+                "none": _layers_words([int(x) for x in none["layer"]]) if len(none) else None,
+                # Layers that beat every draw by chance alone: 1 in (draws + 1) of those tested.
+                "tested": len(with_top),
+                "by_chance": f"{len(with_top) / (draws + 1):.1f}" if draws else None,
+                "whole": _intervention_sentence(next(whole.itertuples()), label, ablation)
+                if len(whole)
+                else None,
+                "rows": [_effect_cells(row) for row in part.itertuples(index=False)],
+            }
+        )
+    return {
+        "ablation": ablation,
+        "ablation_meaning": _ABLATIONS.get(ablation, ("", ""))[1],
+        "site": str(settings.get("site", facts.site)),
+        "draws": draws,
+        "contexts": _int(contexts) if contexts is not None else None,
+        "seed": None if settings.get("seed") is None else str(settings["seed"]),
+        "groups": groups,
+        "figure": any(name == "interventions" for name, _ in run.figures),
+    }
 
 
 # Column of layers.csv -> (heading, format); other columns show their name and _number.
@@ -919,6 +1247,7 @@ SECTIONS: tuple[Section, ...] = (
     Section("data", "Model, corpus and contexts", _data),
     Section("figures", "Figures", _figures),
     Section("neurons", "The strongest neurons and their contexts", _neurons),
+    Section("interventions", "Does the model use these neurons?", _interventions),
     Section("layers", "Layer by layer", _layers),
     Section("caveats", "How far to trust it", _caveats),
     Section("rerun", "Settings, versions, and how to rerun", _rerun),

@@ -37,6 +37,8 @@ ACTIVATIONS = "activations.npy"
 NEURONS = "neurons.parquet"
 NEURONS_CSV = "neurons.csv"
 LAYERS = "layers.csv"
+SPLIT = "split.csv"
+INTERVENTIONS = "interventions.parquet"
 RUN_JSON = "run.json"
 FIGURES = "figures"
 REPORT = "report.html"
@@ -171,6 +173,8 @@ _COLUMNS = {
     NEURONS: ("layer", "neuron", "beta", "pvalue", "pvalue_adj", "significant"),
     NEURONS_CSV: ("layer", "neuron", "beta", "pvalue", "pvalue_adj", "significant"),
     LAYERS: ("layer", "neurons", "significant", "percent_significant"),
+    SPLIT: ("context", "split"),
+    INTERVENTIONS: ("layer", "k", "selection", "draw", "auc_before", "auc_after"),
 }
 
 
@@ -199,12 +203,19 @@ def file_problem(directory: Path, name: str, record: dict[str, Any]) -> str | No
     try:
         if name == ACTIVATIONS:
             return npy_problem(path, shape)
+        if path.suffix == ".npy":  # the model's answer beside the activations: [contexts, 2]
+            return npy_problem(path, [contexts, 2] if contexts is not None else None)
         if name in (CONTEXTS, NEURONS):
             return _parquet_problem(path, contexts if name == CONTEXTS else neurons, _COLUMNS[name])
+        if name == INTERVENTIONS:
+            rows = record.get("interventions", {}).get("rows")
+            return _parquet_problem(path, rows, _COLUMNS[name])
         if name == NEURONS_CSV:
             return _csv_problem(path, neurons, _COLUMNS[name])
         if name == LAYERS:
             return _csv_problem(path, shape[0] if shape else None, _COLUMNS[name])
+        if name == SPLIT:
+            return _csv_problem(path, contexts, _COLUMNS[name])
         if path.suffix == ".json":
             read_json(path)
             return None
@@ -222,13 +233,17 @@ def file_problem(directory: Path, name: str, record: dict[str, Any]) -> str | No
     return None
 
 
-def figure_files(directory: Path, record: dict[str, Any]) -> list[str]:
+def figure_files(
+    directory: Path, record: dict[str, Any], stages: Sequence[str] = ("statistics", "interventions")
+) -> list[str]:
     """The figure files of a run (``figures/<name>.png`` and ``.svg``): those ``run.json``
-    lists, or, for a run that lists none, those in ``figures/``."""
-    names = record.get("statistics", {}).get("figures")
-    if names is None:
-        found = sorted((Path(directory) / FIGURES).glob("*.png"))
-        names = [path.stem for path in found]
+    lists for ``stages`` (``statistics.figures``, ``interventions.figures``), or, for a run that
+    lists none, those in ``figures/``."""
+    listed = [record[stage]["figures"] for stage in stages if "figures" in record.get(stage, {})]
+    if listed:
+        names = [name for names in listed for name in names]
+    else:
+        names = [path.stem for path in sorted((Path(directory) / FIGURES).glob("*.png"))]
     return [f"{FIGURES}/{name}.{ext}" for name in names for ext in ("png", "svg")]
 
 

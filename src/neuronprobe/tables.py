@@ -2,7 +2,8 @@
 
 Entry points: :func:`neuron_table` (fits -> one row per layer and neuron, with the
 multiple-comparison decision) and :func:`layer_table` (neuron table -> one row per layer, the
-notebook's part 4, plus the shuffled-label control where the fits have it).
+notebook's part 4, plus the shuffled-label control where the fits have it). :func:`top_neurons`
+is the one order of "strongest" neurons that the interventions and the report share.
 """
 
 from __future__ import annotations
@@ -137,3 +138,53 @@ def layer_table(neurons: pd.DataFrame) -> pd.DataFrame:
             row["percent_significant_shuffled"] = 100.0 * shuffled.mean()
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def top_neurons(
+    neurons: pd.DataFrame,
+    n: int,
+    *,
+    significant_only: bool = True,
+    test: str | None = None,
+) -> pd.DataFrame:
+    """The ``n`` strongest neurons of a neuron table.
+
+    Strongest means: the smallest deciding p-value after the correction (``pvalue_adj``);
+    ties (frequent: Benjamini-Hochberg's adjusted p-values are step-wise, and capped at 1) are
+    broken by the smaller raw deciding p-value when ``test`` names it (``wald``: ``pvalue``,
+    ``lr``: ``pvalue_lr``), then by the larger ``abs(beta)``, then by layer and neuron, so the
+    order is total and reproducible. NaN p-values sort last.
+
+    Parameters
+    ----------
+    neurons:
+        A table from :func:`neuronprobe.tables.neuron_table` (``neurons.parquet``).
+    n:
+        How many neurons to return (fewer if fewer qualify).
+    significant_only:
+        Keep only the neurons marked ``significant`` (default). With False, the strongest
+        neurons whether or not they pass: the closest candidates of a run where none does.
+    test:
+        The run's deciding test (``run.json``'s ``statistics.test``), or None to break ties by
+        ``abs(beta)`` directly.
+
+    Returns
+    -------
+    pandas.DataFrame
+        The chosen rows, strongest first, with the table's columns and index.
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    rows = neurons[neurons["significant"].to_numpy(dtype=bool)] if significant_only else neurons
+    keys = pd.DataFrame(index=rows.index)
+    keys["adjusted"] = rows["pvalue_adj"].astype(float).fillna(np.inf)
+    if test is not None:
+        column = {"wald": "pvalue", "lr": "pvalue_lr"}.get(test)
+        if column is None:
+            raise ValueError(f"test must be 'wald', 'lr' or None, got {test!r}")
+        keys["raw"] = rows[column].astype(float).fillna(np.inf)
+    keys["strength"] = -rows["beta"].astype(float).abs().fillna(0.0)
+    keys["layer"] = rows["layer"]
+    keys["neuron"] = rows["neuron"]
+    order = keys.sort_values(list(keys.columns), kind="stable").index
+    return rows.loc[order[:n]]

@@ -574,7 +574,9 @@ def _model_needed(config: RunConfig, finished: set[str], stop_after: str | None)
     interventions (which run it again with neurons changed)."""
     if _heavy_stage_left(finished, stop_after):
         return True
-    return stop_after is None and "interventions" not in finished and config.interventions
+    return (
+        stop_after is None and "interventions" not in finished and _no_interventions(config) is None
+    )
 
 
 def _no_interventions(config: RunConfig) -> str | None:

@@ -126,6 +126,16 @@ STAGE_SETTINGS = {
 #: The stages in order; each needs the files of those before it.
 STAGES = ("contexts", "activations", "statistics", "interventions", "report")
 _ACTIVATION_FILES = ActivationFile(Path(rundir.ACTIVATIONS), {})
+#: What the statistics and the stages after them write: what a refit copies to history/.
+RESULT_FILES = (
+    rundir.NEURONS,
+    rundir.NEURONS_CSV,
+    rundir.LAYERS,
+    rundir.SPLIT,
+    rundir.INTERVENTIONS,
+    rundir.FIGURES,
+    rundir.REPORT,
+)
 #: Everything a run writes into its directory (what ``--force`` sets aside).
 RUN_FILES = (
     rundir.RUN_JSON,
@@ -136,13 +146,7 @@ RUN_FILES = (
     _ACTIVATION_FILES.progress_file.name,
     _ACTIVATION_FILES.logprob_path.name,
     _ACTIVATION_FILES.logprob_partial.name,
-    rundir.NEURONS,
-    rundir.NEURONS_CSV,
-    rundir.LAYERS,
-    rundir.SPLIT,
-    rundir.INTERVENTIONS,
-    rundir.FIGURES,
-    rundir.REPORT,
+    *RESULT_FILES,
 )
 
 
@@ -1251,16 +1255,7 @@ def _archive_statistics(directory: Path, record: dict[str, Any]) -> None:
     """Copy the current tables, figures, interventions and run.json to ``history/<time>-refit/``."""
     if record.get("stages", {}).get("statistics") != "complete":
         return
-    names = (
-        rundir.NEURONS,
-        rundir.NEURONS_CSV,
-        rundir.LAYERS,
-        rundir.SPLIT,
-        rundir.INTERVENTIONS,
-        rundir.FIGURES,
-        rundir.REPORT,
-    )
-    _archive(directory, record, "refit", names)
+    _archive(directory, record, "refit", RESULT_FILES)
 
 
 def _archive(directory: Path, record: dict[str, Any], why: str, names: tuple[str, ...]) -> None:

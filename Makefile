@@ -37,6 +37,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_run.py
 	$(BIN)/python benchmarks/bench_scale.py
 	$(BIN)/python benchmarks/bench_interventions.py
+	$(BIN)/python benchmarks/bench_decoding.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

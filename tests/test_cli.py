@@ -514,7 +514,7 @@ def _long_options(command: str) -> list[tuple[str, Any]]:
     ]
 
 
-COMMANDS = ("run", "contexts", "activations", "probe", "intervene", "report", "sites")
+COMMANDS = ("run", "contexts", "activations", "probe", "intervene", "decode", "report", "sites")
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -536,7 +536,11 @@ def test_every_abbreviated_option_is_refused_in_one_line(
                     command,
                     short,
                     *value,
-                    *(["--out", "x"] if command in ("probe", "intervene", "report") else []),
+                    *(
+                        ["--out", "x"]
+                        if command in ("probe", "intervene", "decode", "report")
+                        else []
+                    ),
                 ]
             )
         stderr = capsys.readouterr().err
@@ -594,6 +598,10 @@ APPLIED = {
     "--ablation": (["patch"], "ablation", "patch"),
     "--ablate-k": (["5,all"], "ablate_k", ["5", "all"]),
     "--random-draws": (["3"], "random_draws", 3),
+    "--decoding": ([], "decoding", True),
+    "--no-decoding": ([], "decoding", False),
+    "--decode-k": (["5,all"], "decode_k", ["5", "all"]),
+    "--decode-cv": (["3"], "decode_cv", 3),
 }
 #: Options that are not settings of the experiment: where it goes and how it runs.
 NOT_SETTINGS = {"--out", "--force", "--resume", "--config", "--quiet"}
@@ -621,7 +629,12 @@ def test_every_option_reaches_the_config(command: str) -> None:
         default: Any = RunConfig()
         for name in attribute.split("."):
             default = getattr(default, name)
-        if option not in ("--shuffled-control", "--no-split-by-document", "--interventions"):
+        if option not in (
+            "--shuffled-control",
+            "--no-split-by-document",
+            "--interventions",
+            "--decoding",
+        ):
             assert found != default, option
     # The documented alias: --engine ray is --executor ray, with the statistics on fast.
     argv = [command, "--engine", "ray"]
@@ -685,6 +698,25 @@ def test_every_intervene_option_reaches_the_interventions() -> None:
     assert set(INTERVENTION_SETTINGS) - {"interventions"} <= {n for _, n, _ in given.values()}
 
 
+def test_every_decode_option_reaches_the_decoding() -> None:
+    from neuronprobe import cli
+    from neuronprobe.config import DECODING_SETTINGS
+
+    parser = cli.build_parser()
+    given = {
+        "--decode-k": ("all,1,5", "decode_k", ["1", "5", "all"]),
+        "--cv": ("3", "decode_cv", 3),
+        "--decode-cv": ("4", "decode_cv", 4),
+    }
+    options = {option for option, _ in _long_options("decode")} - {"--out", "--quiet"}
+    assert options == set(given)
+    for option, (value, name, expected) in given.items():
+        args = parser.parse_args(["decode", "--out", "x", option, value])
+        assert cli.decode_changes(args) == {name: expected}, option
+    assert cli.decode_changes(parser.parse_args(["decode", "--out", "x"])) == {}
+    assert set(DECODING_SETTINGS) - {"decoding"} == {n for _, n, _ in given.values()}
+
+
 @pytest.fixture(scope="module")
 def finished_run(tiny_gpt2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small finished run (2 layers) to damage copies of."""
@@ -711,6 +743,8 @@ DAMAGED = {
     "split.csv": ("redo", "redo", "error"),
     "figures/layers.png": ("redo", "redo", "error"),
     "figures/neurons_layer0.svg": ("redo", "redo", "error"),
+    "decoding.csv": ("redo", "redo", "error"),
+    "figures/decoding.png": ("redo", "redo", "error"),
     "report.html": ("redo", "redo", "redo"),
 }
 #: The files whose bytes a recomputation must give back exactly.
@@ -722,6 +756,7 @@ DATA_FILES = (
     "neurons.csv",
     "layers.csv",
     "split.csv",
+    "decoding.csv",
 )
 
 
@@ -990,10 +1025,11 @@ def test_no_interventions_and_another_position_skip_the_stage(
     tiny_gpt2_dir: Path, tmp_path: Path
 ) -> None:
     from neuronprobe import RunConfig, run
+    from neuronprobe.pipeline import probe
 
     for name, changes, reason in [
-        ("off", {"interventions": False}, "--no-interventions"),
-        ("position", {"position": -2}, "--position -2"),
+        ("off", {"interventions": False, "decoding": False}, "--no-interventions"),
+        ("position", {"position": -2, "decode_k": ["1", "all"], "decode_cv": 2}, "--position -2"),
     ]:
         config = RunConfig(model=str(tiny_gpt2_dir), min_per_class=20, layers=[1], **changes)
         result = run(config, tmp_path / name, progress=False)
@@ -1002,6 +1038,17 @@ def test_no_interventions_and_another_position_skip_the_stage(
         assert not (result.directory / "interventions.parquet").exists()
         page = (result.directory / "report.html").read_text(encoding="utf-8")
         assert '<section id="interventions">' not in page
+        assert result.record["stages"]["decoding"] == "complete"
+        if name == "position":  # the decoding reads the stored activations, at any position
+            assert result.record["decoding"]["k"] == ["1", "all"]
+            assert (result.directory / "decoding.csv").is_file()
+            continue
+        # --no-decoding: no decoding.csv, no figure, the reason recorded; a refit keeps it so.
+        for record in (result.record, probe(result.directory, alpha=0.2).record):
+            assert record["decoding"] == {"skipped": "--no-decoding"}
+            assert record["stages"]["decoding"] == "complete"
+            assert not (result.directory / "decoding.csv").exists()
+            assert not list((result.directory / "figures").glob("decoding.*"))
 
 
 def test_damaged_interventions_are_named_redone_or_dropped(
@@ -1034,3 +1081,120 @@ def test_damaged_interventions_are_named_redone_or_dropped(
         else:
             assert "interventions" not in record["stages"] and "interventions" not in record
             assert not (out / "interventions.parquet").exists()
+
+
+def test_decode_redoes_the_decoding_without_the_model_and_keeps_the_earlier_one(
+    finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+    import shutil
+
+    from neuronprobe.cli import main
+
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    record = json.loads((out / "run.json").read_text())
+    record["config"]["model"] = str(tmp_path / "model-deleted-since")
+    (out / "run.json").write_text(json.dumps(record))
+    assert main(["decode", "--out", str(out), "--decode-k", "all,1", "--cv", "2", "--quiet"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"neuronprobe: decoded 2 layers (k 1,all, 2-fold cross-validation) into "
+        f"{out / 'decoding.csv'}",
+        f"neuronprobe: results in {out} (open report.html)",
+    ]
+    record = json.loads((out / "run.json").read_text())
+    assert (record["decoding"]["k"], record["decoding"]["cv"], record["decoding"]["rows"]) == (
+        ["1", "all"],
+        2,
+        4,
+    )
+    assert record["status"] == "complete" and record["stages"]["report"] == "complete"
+    (kept,) = (out / "history").iterdir()
+    assert kept.name.endswith("-decode")
+    assert (kept / "decoding.csv").read_bytes() == (finished_run / "decoding.csv").read_bytes()
+
+
+def test_bad_decoding_settings_are_refused_before_anything_is_written(
+    finished_run: Path, tiny_gpt2_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    from neuronprobe.cli import main
+
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    before = (out / "run.json").read_bytes()
+    # (options, what `decode` says, what `run` says with the same options)
+    too_many = "--decode-k 300 is more neurons than a layer has at this site (256)"
+    cases = [
+        (["--decode-k", "300"], too_many, too_many),
+        (["--decode-k", "0"], "a probe reads at least 1 neuron", None),
+        (["--decode-k", "-3"], "a probe reads at least 1 neuron", None),
+        (["--decode-k", "ten"], "takes numbers of neurons or 'all'", None),
+        (["--decode-cv", "1"], "--decode-cv must be at least 2 folds (got 1)", None),
+        (
+            ["--decode-cv", "21"],
+            "--decode-cv 21 needs at least 21 contexts of each class and the run has 20; use "
+            "--decode-cv 20 or fewer.",
+            "--decode-cv 21 needs at least 21 contexts of each class and --min-per-class 20 "
+            "may collect only 20; use --decode-cv 20 or fewer, or --no-decoding.",
+        ),
+    ]
+
+    def exit_code(argv: list[str]) -> int:
+        try:
+            return main(argv)
+        except SystemExit as stop:  # argparse's own refusals
+            return int(stop.code or 0)
+
+    for options, message, in_run in cases:
+        for spelled in {options[0], options[0].replace("--decode-cv", "--cv")}:
+            argv = ["decode", "--out", str(out), spelled, *options[1:]]
+            assert exit_code(argv) == 2, argv
+            stderr = capsys.readouterr().err
+            assert len(stderr.splitlines()) == 1 and message in stderr, (argv, stderr)
+            assert (out / "run.json").read_bytes() == before and not (out / "history").exists()
+        new = tmp_path / "new"
+        argv = ["run", "--model", str(tiny_gpt2_dir), "--layers", "0", "--out", str(new)]
+        assert exit_code([*argv, "--min-per-class", "20", *options]) == 2, options
+        stderr = capsys.readouterr().err
+        assert len(stderr.splitlines()) == 1 and (in_run or message) in stderr, (options, stderr)
+        assert not new.exists()
+
+
+def test_damaged_decoding_is_named_or_redone_alone(
+    finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`report` names a damaged decoding.csv; `run --resume` and `probe` decode again (no
+    model needed), and `--resume` redoes nothing else."""
+    import json
+    import shutil
+
+    from neuronprobe.cli import main
+
+    for how in ("truncated", "garbage"):
+        out = tmp_path / f"report-{how}"
+        shutil.copytree(finished_run, out)
+        _damage(out / "decoding.csv", how)
+        assert main(["report", "--out", str(out), "--quiet"]) == 2
+        stderr = capsys.readouterr().err
+        assert len(stderr.splitlines()) == 1 and f"{out / 'decoding.csv'} is " in stderr, stderr
+        assert f"`neuronprobe run --out {out} --resume` recomputes it." in stderr
+    for command in ("run", "probe"):
+        out = tmp_path / command
+        shutil.copytree(finished_run, out)
+        _damage(out / "decoding.csv", "missing")
+        others = {
+            path: path.stat().st_mtime_ns
+            for path in out.rglob("*")
+            if path.is_file()
+            and path.name not in ("run.json", "report.html")
+            and not path.name.startswith("decoding.")
+        }
+        argv = {"run": ["run", "--resume"], "probe": ["probe"]}[command]
+        assert main([*argv, "--out", str(out), "--quiet"]) == 0, capsys.readouterr().err
+        assert (out / "decoding.csv").read_bytes() == (finished_run / "decoding.csv").read_bytes()
+        record = json.loads((out / "run.json").read_text())
+        assert record["stages"]["decoding"] == "complete" and record["status"] == "complete"
+        if command == "run":  # the contexts, activations, statistics and interventions: reused
+            assert {path: path.stat().st_mtime_ns for path in others} == others

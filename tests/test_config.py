@@ -74,6 +74,10 @@ def test_config_round_trips_through_json() -> None:
             {"contrast": {"negative_followers": [" am"], "excluded_followers": [" of"]}},
             "exclusions belong to the default negative rule",
         ),
+        ({"decode_cv": 1}, r"--decode-cv must be at least 2 folds \(got 1\)"),
+        ({"decode_k": ["0"]}, "--decode-k 0: a probe reads at least 1 neuron"),
+        ({"decode_k": []}, "--decode-k must list numbers of neurons or 'all'"),
+        ({"decode_k": "ten"}, "config key 'decode_k' must be list"),
     ],
 )
 def test_bad_settings_are_named(values: dict, message: str) -> None:
@@ -111,3 +115,57 @@ def test_contrast_file_errors_name_the_file(tmp_path) -> None:
     typed.write_text('target = " can"\ncontext_length = "ten"\n')
     with pytest.raises(NeuronprobeError, match="context_length must be an integer"):
         Contrast.from_toml(typed)
+
+
+def test_decode_k_is_read_in_order_once_and_bad_values_are_one_line() -> None:
+    from neuronprobe.config import (
+        DEFAULT_DECODE_K,
+        check_decode_cv,
+        check_decode_k,
+        decode_k_sizes,
+        parse_decode_k,
+    )
+
+    config = RunConfig()
+    assert (config.decoding, config.decode_k, config.decode_cv) == (
+        True,
+        ["1", "2", "5", "10", "20", "50", "100", "all"],
+        5,
+    )
+    assert config.decode_k == list(DEFAULT_DECODE_K)
+    # Increasing, the whole layer last, each once, however written.
+    assert parse_decode_k("all, 5,1,05,ALL") == ["1", "5", "all"]
+    assert parse_decode_k([20, "all", 3]) == ["3", "20", "all"]
+    assert RunConfig(decode_k=["all", "2"]).decode_k == ["2", "all"]
+    assert decode_k_sizes(["1", "5", "all"]) == [1, 5, None]
+    for bad, message in [
+        ("-3", "--decode-k -3: a probe reads at least 1 neuron (or 'all', the whole layer)"),
+        ("1,ten", "--decode-k takes numbers of neurons or 'all', e.g. 1,5,all (got 'ten')"),
+        ([True], "--decode-k takes numbers of neurons or 'all'"),
+        ("", "--decode-k takes numbers of neurons or 'all'"),
+    ]:
+        with pytest.raises(NeuronprobeError) as refused:
+            parse_decode_k(bad)
+        assert message in str(refused.value) and "\n" not in str(refused.value), bad
+    # Above the layer's width: a size given is refused, the default list drops those sizes.
+    assert check_decode_k(["1", "64", "all"], 64) == ["1", "64", "all"]
+    with pytest.raises(
+        NeuronprobeError,
+        match=r"--decode-k 100 is more neurons than a layer has at this site \(64\); use at "
+        "most 64, or 'all'",
+    ):
+        check_decode_k(["1", "100", "all"], 64)
+    assert check_decode_k(list(DEFAULT_DECODE_K), 64) == ["1", "2", "5", "10", "20", "50", "all"]
+    # Folds the smaller class cannot fill.
+    check_decode_cv(5, 5, "the run has")
+    with pytest.raises(
+        NeuronprobeError,
+        match=r"--decode-cv 5 needs at least 5 contexts of each class and the run has 3; use "
+        r"--decode-cv 3 or fewer, or --no-decoding\.$",
+    ):
+        check_decode_cv(5, 3, "the run has")
+    with pytest.raises(NeuronprobeError, match=r"use --decode-cv 3 or fewer\.$"):
+        check_decode_cv(5, 3, "the run has", in_run=False)
+    # Through run.json and back.
+    chosen = RunConfig(decoding=False, decode_k=["3", "all"], decode_cv=4)
+    assert RunConfig.from_dict(json.loads(json.dumps(chosen.to_dict()))) == chosen

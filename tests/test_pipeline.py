@@ -37,7 +37,8 @@ def test_run_writes_every_output(tiny_run: Any) -> None:
     ]:
         assert (directory / name).is_file(), name
     figures = sorted(p.name for p in (directory / "figures").iterdir())
-    assert figures == sorted(f"{f}.{ext}" for f in FIGURES for ext in ("png", "svg"))
+    drawn = [*FIGURES, "decoding"]
+    assert figures == sorted(f"{f}.{ext}" for f in drawn for ext in ("png", "svg"))
     assert not [p for p in directory.rglob(".*")]  # no temporary files left behind
 
 
@@ -62,6 +63,7 @@ def test_run_json_records_what_is_needed_to_rerun(tiny_run: Any, tiny_gpt2_dir: 
         "statistics",
         "figures",
         "interventions",
+        "decoding",
         "report",
     }
     assert record["activations"]["shape"] == [4, counts["contexts"], 256]
@@ -219,7 +221,16 @@ def test_contexts_stage_alone_then_run_reuses_them(tiny_gpt2_dir: Path, tmp_path
     np.testing.assert_array_equal(np.stack(table["tokens"]), np.stack(written["tokens"]))
     assert later.record["counts"] == first.record["counts"]
     assert later.record["stages"] == dict.fromkeys(
-        ("contexts", "activations", "statistics", "figures", "interventions", "report"), "complete"
+        (
+            "contexts",
+            "activations",
+            "statistics",
+            "figures",
+            "interventions",
+            "decoding",
+            "report",
+        ),
+        "complete",
     )
     assert later.record["config"]["alpha"] == 0.5
     # Other context settings, or a finished run with other settings: refused, nothing touched.
@@ -465,3 +476,164 @@ def test_a_run_written_before_threshold_was_renamed_still_reads(
     again = run(RunConfig.from_dict(record["config"]), out, progress=False)
     assert "pvalue_threshold" in again.neurons.columns
     assert set(again.figures) == set(FIGURES)
+
+
+def _decoding_table(directory: Path) -> pd.DataFrame:
+    """``decoding.csv`` as written: ``k`` and ``selected`` as text, floats exactly."""
+    table = pd.read_csv(
+        directory / "decoding.csv", dtype={"k": str, "selected": str}, float_precision="round_trip"
+    )
+    return table.fillna({"selected": ""})
+
+
+def _decoded(directory: Path, **settings: Any) -> pd.DataFrame:
+    """decode_layers called directly on a run directory's activations and labels."""
+    from neuronprobe.decoding import decode_layers
+
+    contexts = load_contexts(directory / "contexts.parquet")
+    activations = np.load(directory / "activations.npy", mmap_mode="r")
+    record = json.loads((directory / "run.json").read_text())
+    return decode_layers(
+        activations, contexts.labels, layers=record["activations"]["layers"], **settings
+    )
+
+
+def test_run_decodes_every_layer_as_decode_layers_does(tiny_run: Any) -> None:
+    """decoding.csv is decode_layers on the stored activations and labels, with the run's seed,
+    test and alpha: one row per layer and k; run.json says how, figures/decoding shows it."""
+    from neuronprobe.decoding import DECODING_COLUMNS
+    from neuronprobe.pipeline import decoding_inputs, stage_files
+
+    directory = tiny_run.directory
+    table = _decoding_table(directory)
+    labels = ["1", "2", "5", "10", "20", "50", "100", "all"]
+    assert table.columns.tolist() == list(DECODING_COLUMNS)
+    assert list(zip(table["layer"], table["k"], strict=True)) == [
+        (layer, k) for layer in range(4) for k in labels
+    ]
+    assert table.loc[table["k"] == "all", "neurons_used"].tolist() == [256] * 4
+    expected = _decoded(directory, seed=3, test="wald", alpha=0.1, cv=5, groups=None)
+    pd.testing.assert_frame_equal(table, expected, check_dtype=False)
+    record = tiny_run.record
+    decoding = record["decoding"]
+    assert record["stages"]["decoding"] == "complete"
+    assert {
+        name: decoding[name]
+        for name in ("file", "rows", "layers", "k", "cv", "C", "seed", "test", "alpha")
+    } == {
+        "file": "decoding.csv",
+        "rows": 32,
+        "layers": [0, 1, 2, 3],
+        "k": labels,
+        "cv": 5,
+        "C": 1.0,
+        "seed": 3,
+        "test": "wald",
+        "alpha": 0.1,
+    }
+    assert decoding["grouped"] is False and decoding["shuffled_control"] is True
+    assert decoding["model_auc"] == record["behavior"]["auc"]
+    assert decoding["figures"] == ["decoding"] and decoding["seconds"] >= 0
+    contexts = load_contexts(directory / "contexts.parquet")
+    config = RunConfig.from_dict(record["config"])
+    assert decoding["inputs_sha256"] == decoding_inputs(
+        config, contexts.labels, contexts.document_ids, labels, [0, 1, 2, 3]
+    )
+    assert stage_files("decoding", directory, record) == [
+        "decoding.csv",
+        "figures/decoding.png",
+        "figures/decoding.svg",
+    ]
+
+
+def test_decode_refits_the_decoding_without_the_model(
+    tiny_run: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`decode` reads the stored activations only: a run whose model is gone decodes with new
+    k and folds; the earlier decoding, figure and report go to history/<time>-decode/."""
+    import shutil
+
+    import neuronprobe.pipeline
+    from neuronprobe import decode
+
+    out = tmp_path / "moved"
+    shutil.copytree(tiny_run.directory, out)
+    record = json.loads((out / "run.json").read_text())
+    record["config"]["model"] = str(tmp_path / "deleted-model")
+    (out / "run.json").write_text(json.dumps(record))
+
+    def no_model(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("decode loaded the model")
+
+    monkeypatch.setattr(neuronprobe.pipeline, "load_model", no_model)
+    monkeypatch.setattr(neuronprobe.pipeline, "check_model", no_model)
+    before = (out / "decoding.csv").read_bytes()
+    result = decode(out, decode_k=["all", "2"], decode_cv=3)
+    decoding = result.record["decoding"]
+    assert (decoding["k"], decoding["cv"], decoding["rows"]) == (["2", "all"], 3, 8)
+    assert result.record["config"]["decode_k"] == ["2", "all"]
+    assert result.record["config"]["decode_cv"] == 3
+    assert result.record["status"] == "complete"
+    assert set(result.record["stages"].values()) == {"complete"}
+    expected = _decoded(out, k=[2, None], cv=3, seed=3, test="wald", alpha=0.1)
+    pd.testing.assert_frame_equal(_decoding_table(out), expected, check_dtype=False)
+    (kept,) = (out / "history").iterdir()
+    assert re.fullmatch(r"\d{8}T\d{6}-decode", kept.name)
+    assert (kept / "decoding.csv").read_bytes() == before
+    assert (kept / "figures" / "decoding.png").is_file() and (kept / "report.html").is_file()
+    assert json.loads((kept / "run.json").read_text())["decoding"]["cv"] == 5
+    assert (out / "report.html").is_file() and result.neurons is not None
+    # Bad settings, and what decode may not change: one line each, nothing written.
+    written = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    for changes, message in [
+        ({"decode_k": ["300"]}, "--decode-k 300 is more neurons than a layer has"),
+        ({"decode_cv": 41}, "--decode-cv 41 needs at least 41 contexts of each class and the "),
+        ({"decode_cv": 1}, "--decode-cv must be at least 2 folds"),
+        ({"alpha": 0.5}, "decode cannot change alpha: only decode_k, decode_cv."),
+    ]:
+        with pytest.raises(NeuronprobeError) as refused:
+            decode(out, **changes)
+        assert message in str(refused.value) and "\n" not in str(refused.value), changes
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == written
+    # Without the activations (deleted to save space) there is nothing to decode.
+    (out / "activations.npy").unlink()
+    with pytest.raises(NeuronprobeError, match=r"activations.npy is missing; `neuronprobe run"):
+        decode(out)
+
+
+def test_probe_keeps_the_decoding_unless_what_decides_it_changes(
+    tiny_run: Any, tmp_path: Path
+) -> None:
+    """A refit that keeps the labels, documents, seed, test and alpha keeps decoding.csv (the
+    figure redrawn for the model's AUC on the new split); one that changes them decodes again,
+    the earlier decoding kept in history/."""
+    import shutil
+
+    from neuronprobe.pipeline import probe
+
+    out = tmp_path / "copy"
+    shutil.copytree(tiny_run.directory, out)
+    original = (out / "decoding.csv").read_bytes()
+    earlier = tiny_run.record["decoding"]
+    kept = probe(out, correction="fdr-bh", test_size=0.3)
+    assert (out / "decoding.csv").read_bytes() == original
+    decoding = kept.record["decoding"]
+    assert decoding["inputs_sha256"] == earlier["inputs_sha256"]
+    assert decoding["model_auc"] == kept.record["behavior"]["auc"] != earlier["model_auc"]
+    assert kept.record["stages"]["decoding"] == "complete"
+    # Documents kept whole in the folds, another test and seed: decoded again, as asked.
+    changed = probe(out, split_by_document=True, test="lr", statistics_seed=11)
+    decoding = changed.record["decoding"]
+    assert (decoding["test"], decoding["seed"], decoding["grouped"]) == ("lr", 11, True)
+    assert decoding["inputs_sha256"] != earlier["inputs_sha256"]
+    contexts = load_contexts(out / "contexts.parquet")
+    groups = np.asarray(contexts.document_ids)
+    expected = _decoded(out, seed=11, test="lr", alpha=0.1, groups=groups)
+    pd.testing.assert_frame_equal(_decoding_table(out), expected, check_dtype=False)
+    assert set(changed.record["stages"].values()) == {"complete"}
+    history = sorted((out / "history").iterdir())
+    assert len(history) == 2
+    assert all(re.fullmatch(r"\d{8}T\d{6}-refit(-\d+)?", p.name) for p in history)
+    assert (history[0] / "decoding.csv").read_bytes() == original
+    assert (history[1] / "decoding.csv").read_bytes() == original  # kept by the first refit
+    assert (out / "decoding.csv").read_bytes() != original

@@ -33,6 +33,10 @@ def test_readme_python_blocks_run_as_written(
     assert isinstance(result.figures["layers"], Figure)
     assert result.record.get("resumed"), "the second call reads the finished run back"
     assert namespace["fits"].beta.shape == (30, 1536)
+    decoding = namespace["decoding"]
+    assert decoding["layer"].tolist() == [20, 20, 20, 21, 21, 21]
+    assert decoding["k"].tolist() == ["1", "10", "all"] * 2
+    assert decoding["neurons_used"].tolist() == [1, 10, 1536] * 2
     assert (tmp_path / "runs" / "seed1" / "report.html").is_file()
     assert len(list((tmp_path / "runs" / "seed1" / "history").iterdir())) == 1  # the refit's
     effects = namespace["effects"]
@@ -80,7 +84,7 @@ def test_synopsis_names_every_option_and_only_real_ones() -> None:
         for option in re.findall(r"--\[no-\]([a-z-]+)", synopsis)
         for option in ["--" + option]
     }
-    for command in ("run", "probe", "report", "contexts", "activations"):
+    for command in ("run", "probe", "intervene", "decode", "report", "contexts", "activations"):
         parser = cli._COMMANDS[command]
         for action in parser._actions:
             for option in action.option_strings:

@@ -28,8 +28,9 @@ import pandas as pd
 import pytest
 
 from neuronprobe import RunConfig, run
+from neuronprobe.decoding import decode_layers
 from neuronprobe.errors import NeuronprobeError
-from neuronprobe.figures import control_figure
+from neuronprobe.figures import control_figure, decoding_figure, save_figure
 from neuronprobe.report import SECTIONS, example_contexts, top_neurons, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -44,8 +45,28 @@ def tiny_run(tiny_gpt2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> A
     return run(config, tmp_path_factory.mktemp("runs") / "tiny", progress=False)
 
 
+def ensure_decoding(directory: Path) -> None:
+    """The decoding stage's files (decoding.csv from the real decode_layers on the run's
+    activations, its figure, run.json's entry) where the run wrote none, so that the page has
+    every section of report.SECTIONS."""
+    if (directory / "decoding.csv").is_file():
+        return
+    record = json.loads((directory / "run.json").read_text())
+    labels = pd.read_parquet(directory / "contexts.parquet")["label"].to_numpy(dtype=bool)
+    activations = np.load(directory / "activations.npy", mmap_mode="r")
+    table = decode_layers(
+        activations, labels, k=(1, 5, None), layers=record["activations"]["layers"]
+    )
+    table.to_csv(directory / "decoding.csv", index=False)
+    model_auc = record.get("behavior", {}).get("auc")
+    save_figure(decoding_figure(table, model_auc=model_auc), directory / "figures" / "decoding")
+    record["decoding"] = {"file": "decoding.csv", "rows": len(table), "figures": ["decoding"]}
+    (directory / "run.json").write_text(json.dumps(record))
+
+
 @pytest.fixture(scope="module")
 def report(tiny_run: Any) -> tuple[Path, str]:
+    ensure_decoding(tiny_run.directory)
     path = write_report(tiny_run.directory, top=TOP, examples=EXAMPLES)
     return path, path.read_text(encoding="utf-8")
 
@@ -60,10 +81,11 @@ def test_report_is_one_self_contained_file(tiny_run: Any, report: tuple[Path, st
     path, page = report
     assert path == tiny_run.directory / "report.html" and path.is_file()
     assert not list(tiny_run.directory.glob(".report.html*"))  # written atomically
-    # Every figure of the run directory (the shuffled-label control among them), as a PNG
-    # data URI.
+    # Every figure of the run directory (the shuffled-label control and the decoding among
+    # them), as a PNG data URI.
     figures = sorted((tiny_run.directory / "figures").glob("*.png"))
-    assert len(figures) == 4 and (tiny_run.directory / "figures" / "control.png") in figures
+    assert len(figures) == 5 and (tiny_run.directory / "figures" / "control.png") in figures
+    assert (tiny_run.directory / "figures" / "decoding.png") in figures
     embedded = DATA_URI.findall(page)
     assert page.count("data:image/png;base64,") == len(embedded) == len(figures)
     from matplotlib.image import imread
@@ -377,8 +399,14 @@ def test_a_section_is_a_partial_and_a_function(
     copy = tmp_path / "copy"  # the module's run keeps its report for the tests after this one
     shutil.copytree(tiny_run.directory, copy)
     page = write_report(copy, top=1, examples=1).read_text(encoding="utf-8")
-    # A section whose run has nothing for it (no interventions.parquet) is left out too.
-    absent = {"absent"} | ({"interventions"} - {p.stem for p in copy.glob("*.parquet")})
+    # A section whose run has nothing for it (no interventions.parquet, no decoding.csv) is
+    # left out too.
+    record = json.loads((copy / "run.json").read_text())
+    has = {
+        "interventions": (copy / "interventions.parquet").is_file(),
+        "decoding": (copy / "decoding.csv").is_file() or "skipped" in record.get("decoding", {}),
+    }
+    absent = {"absent"} | {anchor for anchor, present in has.items() if not present}
     shown = [s.anchor for s in sections if s.anchor not in absent]
     assert re.findall(r'<section id="([a-z]+)">', page) == shown
     assert re.findall(r'<li><a href="#([a-z]+)">', page) == shown
@@ -586,14 +614,15 @@ def test_report_renders_in_a_real_browser(report: tuple[Path, str], tmp_path: Pa
     }
     assert requested <= {"file", "data"}  # the page itself; nothing from any network
     images = rendered["images"]
-    assert len(images) == page.count("data:image/png;base64,") == 4
+    assert len(images) == page.count("data:image/png;base64,") == 5
     for image in images:
         assert image["complete"] and image["scheme"] == "data"
         assert image["width"] > 0 and image["height"] > 0
     assert rendered["marks"] == page.count("<mark>") > 0
     # Every section of report.SECTIONS; interventions.parquet is there, without rows (this
-    # random model has no significant neuron to change), and its section says so.
-    assert rendered["sections"] == len(SECTIONS) == page.count("<section id=") == 9
+    # random model has no significant neuron to change), and its section says so; decoding.csv
+    # is there too.
+    assert rendered["sections"] == len(SECTIONS) == page.count("<section id=") == 10
     assert rendered["title"].startswith("neuronprobe: which neurons of")
 
 

@@ -77,3 +77,29 @@ def test_the_lock_clears_what_a_killed_writer_left_and_refuses_a_second_writer(
         pass
     with pytest.raises(NeuronprobeError, match="is a file"), locked(tmp_path / "run.json"):
         pass
+
+
+def test_decoding_csv_is_checked_against_run_json(tmp_path: Path) -> None:
+    """decoding.csv must have decode_layers' columns and the rows run.json records; its figure
+    is listed with the others."""
+    import pandas as pd
+
+    from neuronprobe.decoding import DECODING_COLUMNS
+    from neuronprobe.rundir import _COLUMNS, DECODING, figure_files, file_problem
+
+    assert _COLUMNS[DECODING] == DECODING_COLUMNS
+    table = pd.DataFrame({column: [0, 1] for column in DECODING_COLUMNS})
+    table.to_csv(tmp_path / DECODING, index=False)
+    record = {"decoding": {"rows": 2, "figures": ["decoding"]}}
+    assert file_problem(tmp_path, DECODING, record) is None
+    assert file_problem(tmp_path, DECODING, {"decoding": {"rows": 3}}) == (
+        "holding 2 rows, but run.json records 3"
+    )
+    table.drop(columns="cv_auc").to_csv(tmp_path / DECODING, index=False)
+    assert file_problem(tmp_path, DECODING, record) == ("without the column 'cv_auc' in its header")
+    assert figure_files(tmp_path, record, ("decoding",)) == [
+        "figures/decoding.png",
+        "figures/decoding.svg",
+    ]
+    both = {**record, "statistics": {"figures": ["layers"]}}
+    assert figure_files(tmp_path, both)[-2:] == ["figures/decoding.png", "figures/decoding.svg"]

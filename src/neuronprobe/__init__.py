@@ -4,7 +4,7 @@ The pipeline is a straight line, one module per stage::
 
     text.open_corpus -> contexts.collect_contexts -> activations.extract_activations
         -> statistics.fit_neuron_logits -> tables / figures
-        -> interventions.intervention_sweep -> report.write_report
+        -> interventions.intervention_sweep -> decoding.decode_layers -> report.write_report
 
 and :func:`run` does all of it into a run directory.
 """
@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from neuronprobe.config import RunConfig
     from neuronprobe.contexts import Contrast
+    from neuronprobe.decoding import decode_layers
     from neuronprobe.errors import NeuronprobeError
     from neuronprobe.interventions import intervention_sweep
-    from neuronprobe.pipeline import RunResult, intervene, probe, run
+    from neuronprobe.pipeline import RunResult, decode, intervene, probe, run
     from neuronprobe.statistics import NeuronFits, fit_neuron_logits
 
 # Imported on first use, so that `neuronprobe --help` and input checks do not wait for torch.
@@ -29,6 +30,8 @@ _EXPORTS = {
     "NeuronprobeError": "neuronprobe.errors",
     "RunConfig": "neuronprobe.config",
     "RunResult": "neuronprobe.pipeline",
+    "decode": "neuronprobe.pipeline",
+    "decode_layers": "neuronprobe.decoding",
     "fit_neuron_logits": "neuronprobe.statistics",
     "intervene": "neuronprobe.pipeline",
     "intervention_sweep": "neuronprobe.interventions",
@@ -42,6 +45,8 @@ __all__ = [
     "NeuronprobeError",
     "RunConfig",
     "RunResult",
+    "decode",
+    "decode_layers",
     "fit_neuron_logits",
     "intervene",
     "intervention_sweep",

@@ -22,6 +22,7 @@ from neuronprobe.activations import SITES
 from neuronprobe.config import (
     ABLATIONS,
     CORRECTIONS,
+    DECODING_SETTINGS,
     ENGINES,
     EXECUTORS,
     INTERVENTION_SETTINGS,
@@ -31,6 +32,7 @@ from neuronprobe.config import (
     TESTS,
     RunConfig,
     parse_ablate_k,
+    parse_decode_k,
 )
 from neuronprobe.contexts import Contrast
 from neuronprobe.errors import NeuronprobeError
@@ -375,6 +377,46 @@ def _add_intervention_options(parser: argparse.ArgumentParser, defaults: RunConf
     )
 
 
+def _decode_k(text: str) -> list[str]:
+    try:
+        return parse_decode_k(text)
+    except NeuronprobeError as error:  # argparse's one-line error, exit 2
+        raise argparse.ArgumentTypeError(str(error).removeprefix("--decode-k ")) from error
+
+
+def _add_decoding_options(parser: argparse.ArgumentParser, defaults: RunConfig | None) -> None:
+    """Options of the decoding stage; ``defaults=None`` leaves them unset (``decode``, where
+    the folds are ``--cv``, with ``--decode-cv`` as its other name)."""
+    shown = " (default: the run's)" if defaults is None else " (default %(default)s)"
+    group = parser.add_argument_group("decoding")
+    if defaults is not None:
+        group.add_argument(
+            "--decoding",
+            action=argparse.BooleanOptionalAction,
+            default=defaults.decoding,
+            help="cross-validated probes on the k strongest neurons of each layer and on the "
+            "whole layer, against shuffled labels (no model needed)" + shown,
+        )
+    group.add_argument(
+        "--decode-k",
+        type=_decode_k,
+        default=None if defaults is None else ",".join(defaults.decode_k),
+        metavar="K[,K...]",
+        help="probe sizes: numbers of neurons, or all (the whole layer)"
+        + ("" if defaults is None else "; the default drops the sizes above the layer's width")
+        + shown,
+    )
+    folds = ["--decode-cv"] if defaults is not None else ["--cv", "--decode-cv"]
+    group.add_argument(
+        *folds,
+        type=int,
+        dest="decode_cv",
+        default=None if defaults is None else defaults.decode_cv,
+        metavar="K",
+        help="folds of the decoding's cross-validation, at least 2" + shown,
+    )
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with the tool's one-line errors (no usage block) and exit code 2, and no
     abbreviated options: ``--corp chitchat`` is refused, never read as ``--corpus``."""
@@ -407,6 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_activation_options(run, defaults)
     _add_statistics_options(run, defaults)
     _add_intervention_options(run, defaults)
+    _add_decoding_options(run, defaults)
     _add_ray_options(run, with_engine=False)
     activations = commands.add_parser(
         "activations",
@@ -479,6 +522,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="contexts per forward pass (default: the run's)",
     )
     _add_intervention_options(intervene, None)
+    decode = commands.add_parser(
+        "decode",
+        help="(re)do the decoding of a finished run from its stored activations: probes on "
+        "each layer's k strongest neurons (no model needed)",
+        description="Read run.json, contexts.parquet and activations.npy from --out, fit "
+        "cross-validated probes on the k strongest neurons of each layer and on the whole "
+        "layer (with the run's seed, test, alpha and documents), and write decoding.csv, "
+        "figures/decoding and the report; the earlier decoding is kept under history/.",
+    )
+    _COMMANDS["decode"] = decode
+    decode.add_argument("--out", type=Path, required=True, help="a run directory")
+    decode.add_argument("--quiet", action="store_true", help="no stage messages")
+    _add_decoding_options(decode, None)
     report = commands.add_parser(
         "report",
         help="write report.html of a finished run (one self-contained page)",
@@ -523,6 +579,8 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
             return _probe(args)
         if args.command == "intervene":
             return _intervene(args)
+        if args.command == "decode":
+            return _decode(args)
         if args.command == "report":
             from neuronprobe.pipeline import report
 
@@ -540,7 +598,7 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 #: Options whose value is a comma-separated list of integers, which may start with "-".
-_LIST_OPTIONS = ("--layers", "--ablate-k")
+_LIST_OPTIONS = ("--layers", "--ablate-k", "--decode-k")
 
 
 def _negative_lists_joined(argv: list[str]) -> list[str]:
@@ -658,6 +716,7 @@ _CONFIG_OPTIONS = (
     "ray_workers",
     "ray_gpus_per_worker",
     *INTERVENTION_SETTINGS,
+    *DECODING_SETTINGS,
 )
 _CONTRAST_OPTIONS = {"contrast", "target", "positive", "exclude", "context_length"}
 
@@ -814,6 +873,30 @@ def _intervene(args: argparse.Namespace) -> int:
         f"neuronprobe: {settings['rows']} interventions ({settings['ablation']} ablation, k "
         f"{','.join(settings['ablate_k'])}, {settings['random_draws']} random draws) on "
         f"{settings['contexts']} held-out contexts"
+    )
+    print(f"neuronprobe: results in {result.directory} (open report.html)")
+    return 0
+
+
+def decode_changes(args: argparse.Namespace) -> dict[str, Any]:
+    """What a ``neuronprobe decode`` command line changes: the probe sizes and the folds."""
+    return {
+        name: getattr(args, name)
+        for name in DECODING_SETTINGS
+        if name != "decoding" and getattr(args, name, None) is not None
+    }
+
+
+def _decode(args: argparse.Namespace) -> int:
+    from neuronprobe.pipeline import decode
+
+    result = decode(args.out, progress=not args.quiet, **decode_changes(args))
+    settings = result.record["decoding"]
+    grouped = ", whole documents in one fold" if settings["grouped"] else ""
+    print(
+        f"neuronprobe: decoded {len(settings['layers'])} layers (k {','.join(settings['k'])}, "
+        f"{settings['cv']}-fold cross-validation{grouped}) into "
+        f"{result.directory / settings['file']}"
     )
     print(f"neuronprobe: results in {result.directory} (open report.html)")
     return 0

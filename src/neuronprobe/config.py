@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,20 @@ STATISTICS_SETTINGS = (
 ABLATIONS = ("mean", "zero", "patch")
 #: The settings of the interventions stage: ``neuronprobe intervene`` may change them.
 INTERVENTION_SETTINGS = ("interventions", "ablation", "ablate_k", "random_draws")
+
+#: ``--decode-k``'s default: probes on 1 to 100 neurons of each layer, and the whole layer.
+DEFAULT_DECODE_K = ("1", "2", "5", "10", "20", "50", "100", "all")
+
+
+def decode_k_order(label: str) -> float:
+    """The sort key of a probe size's label: sizes in increasing order, the whole layer
+    (``"all"``) last (``sorted(["all", "10", "2"], key=decode_k_order)`` -> ``2, 10, all``)."""
+    return math.inf if label == "all" else float(label)
+
+
+#: The settings of the decoding stage: ``neuronprobe decode`` may change ``decode_k`` and
+#: ``decode_cv``.
+DECODING_SETTINGS = ("decoding", "decode_k", "decode_cv")
 
 #: The settings that say how a run goes, not what it computes: ``--resume`` may change them.
 RESUMABLE_CHANGES = (
@@ -167,6 +182,18 @@ class RunConfig:
     random_draws:
         Seeded draws of as many random neurons from the same layer, the control of each
         intervention (0: no control).
+    decoding:
+        Run the decoding stage: cross-validated probes on the ``k`` strongest neurons of each
+        layer, and on the whole layer (:func:`neuronprobe.decoding.decode_layers`), with the
+        split's seed, the run's ``test`` and ``alpha`` ranking the neurons, and whole documents
+        in one fold with ``split_by_document``.
+    decode_k:
+        The probe sizes: numbers of neurons, or ``all`` (the whole layer). Default
+        ``["1", "2", "5", "10", "20", "50", "100", "all"]``, from which sizes above the layer's
+        width are dropped; a size given that is above it is refused.
+    decode_cv:
+        Folds of the decoding's cross-validation (at least 2, and at most the contexts of the
+        smaller class).
     """
 
     model: str = "smollm2-135m"
@@ -202,6 +229,9 @@ class RunConfig:
     ablation: str = "mean"
     ablate_k: list[str] = field(default_factory=lambda: ["10", "all"])
     random_draws: int = 5
+    decoding: bool = True
+    decode_k: list[str] = field(default_factory=lambda: list(DEFAULT_DECODE_K))
+    decode_cv: int = 5
 
     def __post_init__(self) -> None:
         if self.engine == RAY_ALIAS:  # the documented alias: the heavy stages on Ray
@@ -250,6 +280,11 @@ class RunConfig:
         if self.random_draws < 0:
             raise NeuronprobeError(
                 f"--random-draws must be >= 0 (got {self.random_draws}); 0 runs no control."
+            )
+        self.decode_k = parse_decode_k(self.decode_k)
+        if isinstance(self.decode_cv, bool) or self.decode_cv < 2:
+            raise NeuronprobeError(
+                f"--decode-cv must be at least 2 folds (got {self.decode_cv}); the default is 5."
             )
         length = self.contrast.context_length + 1
         if not -length <= self.position < length:
@@ -366,6 +401,80 @@ def check_ablate_k(ablate_k: list[str], width: int) -> None:
                 f"--ablate-k {text} is more neurons than a layer has at this site ({width}); "
                 f"use at most {width}, or 'all' (every significant neuron of the layer)."
             )
+
+
+def parse_decode_k(values: Any) -> list[str]:
+    """``--decode-k``'s values as text: positive whole numbers in increasing order, then ``all``
+    (the whole layer), each once (``"all,5,1"``, ``[1, 5, "all"]`` -> ``["1", "5", "all"]``)."""
+    if isinstance(values, str):
+        values = values.split(",")
+    if not isinstance(values, list | tuple) or not values:
+        raise NeuronprobeError(
+            f"--decode-k must list numbers of neurons or 'all', e.g. 1,5,all (got {values!r})."
+        )
+    sizes: set[int] = set()
+    whole = False
+    for value in values:
+        text = str(value).strip().lower()
+        if isinstance(value, bool) or not (text == "all" or text.lstrip("-").isdigit()):
+            raise NeuronprobeError(
+                f"--decode-k takes numbers of neurons or 'all', e.g. 1,5,all (got {value!r})."
+            )
+        if text == "all":
+            whole = True
+        elif int(text) < 1:
+            raise NeuronprobeError(
+                f"--decode-k {text}: a probe reads at least 1 neuron (or 'all', the whole "
+                "layer); use --no-decoding to skip the decoding."
+            )
+        else:
+            sizes.add(int(text))
+    return [str(size) for size in sorted(sizes)] + (["all"] if whole else [])
+
+
+def decode_k_sizes(decode_k: list[str]) -> list[int | None]:
+    """``decode_k``'s labels as :func:`neuronprobe.decoding.decode_layers`' ``k``: ``"all"`` is
+    None (the whole layer), a number its int (``["1", "5", "all"]`` -> ``[1, 5, None]``)."""
+    return [None if text == "all" else int(text) for text in parse_decode_k(decode_k)]
+
+
+def check_decode_k(decode_k: list[str], width: int) -> list[str]:
+    """The probe sizes to decode at a site ``width`` neurons wide.
+
+    A size given above the width is refused in one line; the default list
+    (:data:`DEFAULT_DECODE_K`) drops its sizes above the width instead, so that a narrow site
+    (a small model's residual stream) decodes without a ``--decode-k`` nobody gave.
+
+    Returns
+    -------
+    list of str
+        The labels kept, in ``decode_k``'s order.
+    """
+    default = list(decode_k) == list(DEFAULT_DECODE_K)
+    kept = []
+    for text in decode_k:
+        if text != "all" and int(text) > width:
+            if default:
+                continue
+            raise NeuronprobeError(
+                f"--decode-k {text} is more neurons than a layer has at this site ({width}); "
+                f"use at most {width}, or 'all' (the whole layer)."
+            )
+        kept.append(text)
+    return kept
+
+
+def check_decode_cv(decode_cv: int, per_class: int, source: str, *, in_run: bool = True) -> None:
+    """Refuse ``--decode-cv`` folds that the smaller class cannot fill: each fold holds out at
+    least one context of each class. ``source`` says where ``per_class`` comes from
+    (``"--min-per-class 3 may give only"``, ``"the run has"``); ``in_run`` offers
+    ``--no-decoding`` as a way out."""
+    if decode_cv > per_class:
+        skip = ", or --no-decoding" if in_run else ""
+        raise NeuronprobeError(
+            f"--decode-cv {decode_cv} needs at least {decode_cv} contexts of each class and "
+            f"{source} {per_class}; use --decode-cv {per_class} or fewer{skip}."
+        )
 
 
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {}

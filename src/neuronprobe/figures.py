@@ -7,7 +7,9 @@ Entry points, each returning a matplotlib ``Figure``:
 - :func:`accuracy_figure`: part 3b, distributions of train and test accuracy for one layer;
 - :func:`layers_figure`: part 4, the laminar profile;
 - :func:`interventions_figure`: the drop of the model's own AUC when the strongest neurons are
-  changed, against random neurons of the same layer.
+  changed, against random neurons of the same layer;
+- :func:`decoding_figure`: how much each layer knows, the cross-validated AUC of probes on its
+  ``k`` strongest neurons, against the shuffled-label control and the model's own answer.
 
 :func:`save_figure` writes PNG (300 dpi, as the notebook's ``savefig.dpi``) and SVG.
 """
@@ -21,6 +23,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from neuronprobe.config import decode_k_order
 from neuronprobe.rundir import atomic_path
 
 # The notebook's rcParams (light mode).
@@ -431,5 +434,109 @@ def interventions_figure(interventions: pd.DataFrame, *, positive: str, negative
             "same layer",
             fontweight="bold",
         )
+        fig.tight_layout()
+    return fig
+
+
+#: The columns :func:`decoding_figure` reads from a decoding table (``decoding.csv``).
+_DECODING_COLUMNS = ("layer", "k", "cv_auc", "shuffled_auc")
+
+
+def decoding_figure(decoding: pd.DataFrame, *, model_auc: float | None) -> Figure:
+    """How much does each layer know? The cross-validated AUC of probes on the ``k`` strongest
+    neurons of each layer, for every ``k`` of the table.
+
+    One line per ``k`` across the layers (a sequential colour map, light for ``k = 1`` to dark
+    for the whole layer), the shuffled-label control as a grey band (per layer, from the lowest
+    to the highest ``shuffled_auc`` over the ``k``'s), the model's own held-out AUC as a dashed
+    line where it is given, and chance (0.5) as a dotted line.
+
+    Parameters
+    ----------
+    decoding:
+        The run's ``decoding.csv`` (:func:`neuronprobe.decoding.decode_layers`): one row per
+        layer and ``k``, with at least the columns ``layer``, ``k`` (``"1"``... or ``"all"``),
+        ``cv_auc`` and ``shuffled_auc`` (NaN without the control: no band).
+    model_auc:
+        The model's own held-out AUC (``run.json``'s ``behavior.auc``), or None: no dashed line.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        One axes. Each ``k``'s line has ``gid="k=<label>"`` (``"k=all"`` for the whole layer),
+        with the layers in increasing order; the band has ``gid="shuffled"``, the model's line
+        ``gid="model"``, chance ``gid="chance"``.
+
+    Raises
+    ------
+    ValueError
+        If a column is missing or the table has no rows.
+    """
+    missing = [c for c in _DECODING_COLUMNS if c not in decoding.columns]
+    if missing:
+        raise ValueError(f"the decoding table has no column {missing[0]!r}")
+    if decoding.empty:
+        raise ValueError("the decoding table has no rows")
+    plt = _pyplot()
+    table = decoding.assign(
+        layer=decoding["layer"].astype(int),
+        k=decoding["k"].astype(str),
+        cv_auc=decoding["cv_auc"].astype(float),
+        shuffled_auc=decoding["shuffled_auc"].astype(float),
+    )
+    labels = sorted(table["k"].unique(), key=decode_k_order)
+    layers = sorted(table["layer"].unique())
+    colours = plt.get_cmap("viridis")(np.linspace(0.85, 0.0, len(labels)))
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(max(8.0, 0.3 * len(layers) + 6), 4.0))
+        control = table.groupby("layer")["shuffled_auc"].agg(["min", "max"]).dropna()
+        if len(control):
+            x_band = control.index.to_numpy(dtype=float)
+            low, high = control["min"].to_numpy(), control["max"].to_numpy()
+            if len(x_band) == 1:  # one layer: a band needs some width to show
+                x_band, low, high = x_band + np.array([-0.3, 0.3]), low.repeat(2), high.repeat(2)
+            ax.fill_between(
+                x_band,
+                low,
+                high,
+                color=[0.8, 0.8, 0.8],
+                edgecolor=[0.6, 0.6, 0.6],
+                linewidth=0.5,
+                gid="shuffled",
+                label="shuffled labels (lowest to highest over k)",
+            )
+        for label, colour in zip(labels, colours, strict=True):
+            rows = table[table["k"] == label].sort_values("layer")
+            ax.plot(
+                rows["layer"].to_numpy(),
+                rows["cv_auc"].to_numpy(),
+                "o-",
+                color=colour,
+                markersize=4,
+                linewidth=1.5,
+                gid=f"k={label}",
+                label="whole layer" if label == "all" else f"k = {label}",
+            )
+        if model_auc is not None:
+            ax.axhline(
+                float(model_auc),
+                linestyle="--",
+                color="#b3261e",
+                linewidth=1.2,
+                gid="model",
+                label=f"model's own answer (AUC {float(model_auc):.2f})",
+            )
+        ax.axhline(
+            0.5, linestyle=":", color="k", linewidth=0.8, gid="chance", label="chance (AUC 0.5)"
+        )
+        ax.set_xticks(
+            layers, [str(layer) for layer in layers], fontsize=8 if len(layers) > 30 else 10
+        )
+        ax.set(
+            xlabel="Layer",
+            ylabel="cross-validated AUC",
+            title="How much does each layer know?",
+        )
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
         fig.tight_layout()
     return fig

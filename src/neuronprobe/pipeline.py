@@ -1,5 +1,5 @@
 """The whole experiment as one call: text -> contexts -> activations -> statistics ->
-interventions -> outputs.
+interventions -> decoding -> outputs.
 
 Entry point: :func:`run`. Each stage is a plain function of its own module; this module only
 calls them in order, writes their results into the run directory (see
@@ -37,11 +37,15 @@ from neuronprobe.activations import (
     site_width,
 )
 from neuronprobe.config import (
+    DECODING_SETTINGS,
     INTERVENTION_SETTINGS,
     RESUMABLE_CHANGES,
     STATISTICS_SETTINGS,
     RunConfig,
     check_ablate_k,
+    check_decode_cv,
+    check_decode_k,
+    decode_k_sizes,
 )
 from neuronprobe.contexts import (
     Contexts,
@@ -122,9 +126,12 @@ STAGE_SETTINGS = {
     "activations": ACTIVATION_SETTINGS,
     "statistics": STATISTICS_SETTINGS,
     "interventions": INTERVENTION_SETTINGS,
+    "decoding": DECODING_SETTINGS,
 }
 #: The stages in order; each needs the files of those before it.
-STAGES = ("contexts", "activations", "statistics", "interventions", "report")
+STAGES = ("contexts", "activations", "statistics", "interventions", "decoding", "report")
+#: The decoding's inverse L2 penalty strength (scikit-learn's ``C``, on standardized neurons).
+DECODE_C = 1.0
 _ACTIVATION_FILES = ActivationFile(Path(rundir.ACTIVATIONS), {})
 #: What the statistics and the stages after them write: what a refit copies to history/.
 RESULT_FILES = (
@@ -133,6 +140,7 @@ RESULT_FILES = (
     rundir.LAYERS,
     rundir.SPLIT,
     rundir.INTERVENTIONS,
+    rundir.DECODING,
     rundir.FIGURES,
     rundir.REPORT,
 )
@@ -174,6 +182,11 @@ def stage_files(stage: str, directory: Path, record: dict[str, Any]) -> list[str
         if "figures" not in record.get("interventions", {}):
             return []
         return [rundir.INTERVENTIONS, *rundir.figure_files(directory, record, ("interventions",))]
+    if stage == "decoding":
+        # Nothing where the stage had nothing to do (--no-decoding).
+        if "figures" not in record.get("decoding", {}):
+            return []
+        return [rundir.DECODING, *rundir.figure_files(directory, record, ("decoding",))]
     return [rundir.REPORT]
 
 
@@ -221,8 +234,9 @@ def open_run_directory(
             f"--out {out} already holds a different run ({refusal}); choose another --out, "
             f"`neuronprobe run --out {out} --resume` to finish that run with its own settings, "
             "`neuronprobe probe` to refit it with other statistics settings, `neuronprobe "
-            "intervene` to redo its interventions with other settings, or --force to start "
-            "anew there (the earlier files move to history/)."
+            "intervene` to redo its interventions with other settings, `neuronprobe decode` to "
+            "redo its decoding with other settings, or --force to start anew there (the "
+            "earlier files move to history/)."
         )
     return earlier
 
@@ -404,6 +418,13 @@ def run(
             corpus = open_corpus(config.corpus, text_column=config.text_column)
         if _model_needed(config, finished, stop_after):
             check_model(config.model, device=config.device)
+        if stop_after is None and "decoding" not in finished and config.decoding:
+            if earlier is not None and "contexts" in finished:
+                per_class, source = int(earlier["counts"]["kept_per_class"]), "the run has"
+            else:
+                per_class = config.min_per_class
+                source = f"--min-per-class {config.min_per_class} may collect only"
+            check_decode_cv(config.decode_cv, per_class, source)
         record = _start_record(config, earlier, finished)
         earlier_record = _read_bytes(directory / rundir.RUN_JSON)
         with _executor(config, finished, stop_after):
@@ -534,6 +555,7 @@ def _start_record(
             "statistics",
             "behavior",
             "interventions",
+            "decoding",
         )
         record.update({key: earlier[key] for key in kept if key in earlier})
         record["resumed"] = [*earlier.get("resumed", []), now]
@@ -614,6 +636,8 @@ def _model_stage(
             contrast_ids = resolve_contrast(config.contrast, loaded.tokenizer)
             if stop_after is None and _no_interventions(config) is None:
                 check_ablate_k(config.ablate_k, site_width(loaded.model, config.site))
+            if stop_after is None and _no_decoding(config) is None:
+                check_decode_k(config.decode_k, site_width(loaded.model, config.site))
         record["model"] = {**loaded.identity, "layers": n_layers}
         record["contrast"] = {
             **config.contrast.__dict__,
@@ -625,6 +649,10 @@ def _model_stage(
         }
     else:
         layers = list(record.get("activations", {}).get("layers", config.layers or []))
+        shape = record.get("activations", {}).get("shape")
+        decoding_left = "decoding" not in finished and _no_decoding(config) is None
+        if stop_after is None and decoding_left and shape:
+            check_decode_k(config.decode_k, int(shape[2]))
     if layers and stop_after is None:
         config.resolved_figure_layer(layers, record.get("model", {}).get("layers"))  # or refuse
     return loaded, layers
@@ -778,8 +806,8 @@ def _statistics_and_report(
     progress: bool,
     loaded: LoadedModel | None = None,
 ) -> RunResult:
-    """The statistics, tables and figures (or the finished ones), the interventions, then the
-    report."""
+    """The statistics, tables and figures (or the finished ones), the interventions, the
+    decoding, then the report."""
     outputs: tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]
     if "statistics" in finished:
         logger.info("reusing the statistics in %s", directory / rundir.NEURONS)
@@ -799,12 +827,14 @@ def _statistics_and_report(
             record,
             progress,
         )
+    if activations is None and not {"interventions", "decoding"} <= finished:
+        activations = np.load(directory / rundir.ACTIVATIONS, mmap_mode="r")
     if "interventions" not in finished:
-        if activations is None:
-            activations = np.load(directory / rundir.ACTIVATIONS, mmap_mode="r")
         _interventions_stage(
             config, loaded, contexts, activations, layers, directory, record, progress
         )
+    if "decoding" not in finished:
+        _decoding_stage(config, contexts, activations, layers, directory, record)
     result = _finish(directory, record)
     if "report" not in finished:
         _report(directory, record)
@@ -1009,6 +1039,271 @@ def intervene(
     return result
 
 
+def _no_decoding(config: RunConfig) -> str | None:
+    """Why this run does no decoding, or None when it does."""
+    return None if config.decoding else "--no-decoding"
+
+
+def _statistics_seed(config: RunConfig) -> int:
+    """The seed of the split, the folds and the shuffled labels: ``statistics_seed`` if set
+    (a refit's ``--seed``), else the run's ``seed``."""
+    return config.seed if config.statistics_seed is None else config.statistics_seed
+
+
+def decoding_inputs(
+    config: RunConfig, labels: Any, document_ids: list[str], k: list[str], layers: list[int]
+) -> str:
+    """What decides the decoding, as one SHA-256 (``run.json``'s ``decoding.inputs_sha256``).
+
+    The labels, the documents (where ``split_by_document`` keeps each in one fold), the test and
+    alpha that rank the neurons, the seed of the folds and shuffled labels, the probe sizes
+    ``k``, the folds, the penalty, the shuffled-label control and the layers. A refit that keeps
+    all of them keeps the decoding.
+    """
+    import hashlib
+
+    settings = {
+        "groups": [str(document) for document in document_ids]
+        if config.split_by_document
+        else None,
+        "test": config.test,
+        "alpha": config.alpha,
+        "seed": _statistics_seed(config),
+        "k": list(k),
+        "cv": config.decode_cv,
+        "C": DECODE_C,
+        "shuffled_control": config.shuffled_control,
+        "layers": [int(layer) for layer in layers],
+    }
+    digest = hashlib.sha256(np.asarray(labels, dtype=bool).tobytes())
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def _decode_table(
+    config: RunConfig,
+    contexts: Contexts,
+    activations: Any,
+    layers: list[int],
+    directory: Path,
+    *,
+    in_run: bool = True,
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Decode every layer of the stored activations (read one layer at a time).
+
+    Returns the table (``decoding.csv``) and ``run.json``'s ``decoding`` entry without its
+    figures; writes nothing, so bad settings are refused (one line) before anything changes.
+    ``in_run``: the error names the run's options (``--decode-cv``, ``--no-decoding``) and
+    ``neuronprobe decode`` as the way to redo the decoding alone.
+    """
+    from neuronprobe.decoding import DecodingInputError, decode_layers
+
+    k = check_decode_k(config.decode_k, int(activations.shape[2]))
+    labels = np.asarray(contexts.labels, dtype=bool)
+    per_class = int(min(labels.sum(), (~labels).sum()))
+    check_decode_cv(config.decode_cv, per_class, "the run has", in_run=in_run)
+    seed = _statistics_seed(config)
+    groups = np.asarray(contexts.document_ids) if config.split_by_document else None
+    start = time.perf_counter()
+    try:
+        table = decode_layers(
+            activations,
+            labels,
+            k=decode_k_sizes(k),
+            cv=config.decode_cv,
+            seed=seed,
+            groups=groups,
+            C=DECODE_C,
+            shuffled_control=config.shuffled_control,
+            test=config.test,
+            alpha=config.alpha,
+            layers=layers,
+        )
+    except DecodingInputError as error:
+        if not in_run:
+            raise
+        raise NeuronprobeError(
+            f"decoding: {error} (The decoding's folds are --decode-cv; `neuronprobe decode "
+            f"--out {directory} --cv K` redoes the decoding alone.)"
+        ) from error
+    settings = {
+        "file": rundir.DECODING,
+        "rows": len(table),
+        "layers": [int(layer) for layer in layers],
+        "k": k,
+        "cv": config.decode_cv,
+        "C": DECODE_C,
+        "seed": seed,
+        "test": config.test,
+        "alpha": config.alpha,
+        "grouped": config.split_by_document,
+        "shuffled_control": config.shuffled_control,
+        "seconds": round(time.perf_counter() - start, 3),
+        "inputs_sha256": decoding_inputs(config, labels, contexts.document_ids, k, layers),
+    }
+    logger.info(
+        "decoded %d layers (k %s, %d folds) in %.1f s",
+        len(layers),
+        ",".join(k),
+        config.decode_cv,
+        settings["seconds"],
+    )
+    return table, settings
+
+
+def _model_auc(record: dict[str, Any]) -> float | None:
+    """The model's own held-out AUC (``run.json``'s ``behavior.auc``), or None."""
+    auc = record.get("behavior", {}).get("auc")
+    return None if auc is None else float(auc)
+
+
+def _save_decoding_figure(directory: Path, table: pd.DataFrame, model_auc: float | None) -> None:
+    """``figures/decoding`` (PNG and SVG) from the decoding table."""
+    import matplotlib.pyplot as plt
+
+    from neuronprobe.figures import decoding_figure, save_figure
+
+    figure = decoding_figure(table, model_auc=model_auc)
+    save_figure(figure, directory / rundir.FIGURES / "decoding")
+    plt.close(figure)
+
+
+def _decoding_stage(
+    config: RunConfig,
+    contexts: Contexts,
+    activations: Any,
+    layers: list[int],
+    directory: Path,
+    record: dict[str, Any],
+    computed: tuple[pd.DataFrame, dict[str, Any]] | None = None,
+) -> None:
+    """Cross-validated probes on the ``k`` strongest neurons of each layer and on the whole
+    layer (:func:`neuronprobe.decoding.decode_layers`): ``decoding.csv``,
+    ``figures/decoding``, ``run.json``'s ``decoding``. ``computed``: the table and entry of
+    :func:`_decode_table`, when the caller decoded before writing anything (its time is then
+    added to the stage's in ``timings_s``)."""
+    decoded_before = computed is not None
+    with _stage(record, directory, "decoding"):
+        reason = _no_decoding(config)
+        if reason is not None:
+            logger.info("no decoding: %s", reason)
+            record["decoding"] = {"skipped": reason}
+            # Files of an earlier decoding that run.json no longer describes (kept in history/).
+            for stale in (
+                directory / rundir.DECODING,
+                *(directory / rundir.FIGURES).glob("decoding.*"),
+            ):
+                stale.unlink(missing_ok=True)
+            return
+        if computed is None:
+            computed = _decode_table(config, contexts, activations, layers, directory)
+        table, settings = computed
+        with rundir.atomic_path(directory / rundir.DECODING) as temporary:
+            table.to_csv(temporary, index=False)
+        model_auc = _model_auc(record)
+        _save_decoding_figure(directory, table, model_auc)
+        record["decoding"] = {**settings, "model_auc": model_auc, "figures": ["decoding"]}
+    if decoded_before and "seconds" in record["decoding"]:
+        timings = record["timings_s"]
+        timings["decoding"] = round(timings["decoding"] + record["decoding"]["seconds"], 3)
+
+
+def _keep_or_redo_decoding(
+    config: RunConfig,
+    contexts: Contexts,
+    activations: Any,
+    layers: list[int],
+    directory: Path,
+    record: dict[str, Any],
+    earlier: dict[str, Any] | None,
+    computed: tuple[pd.DataFrame, dict[str, Any]] | None,
+) -> None:
+    """After a refit: the decoding stays when ``computed`` is None (see
+    :func:`_decoding_to_redo`), its figure redrawn if the model's own AUC it shows changed with
+    the split; otherwise it is written from ``computed`` (the earlier one is in history/)."""
+    if computed is None and earlier is not None:
+        record["decoding"] = earlier
+        model_auc = _model_auc(record)
+        if "figures" in earlier and earlier.get("model_auc") != model_auc:
+            table = pd.read_csv(directory / rundir.DECODING, dtype={"k": str})
+            table["selected"] = table["selected"].fillna("")
+            _save_decoding_figure(directory, table, model_auc)
+            earlier["model_auc"] = model_auc
+        record["stages"]["decoding"] = "complete"
+        return
+    if computed is not None:
+        logger.info(
+            "the refit changed what the decoding depends on (the test, alpha, seed, folds or "
+            "documents): decoding again; the earlier one is kept in history/"
+        )
+    _decoding_stage(config, contexts, activations, layers, directory, record, computed)
+
+
+def _decoding_to_redo(
+    config: RunConfig,
+    contexts: Contexts,
+    activations: Any,
+    layers: list[int],
+    directory: Path,
+    earlier: dict[str, Any] | None,
+) -> tuple[pd.DataFrame, dict[str, Any]] | None:
+    """For a refit: None when the earlier decoding (``earlier``, whole, or None) still holds
+    (its inputs unchanged, or skipped and still skipped), else the new table and entry (see
+    :func:`_decode_table`; nothing is written)."""
+    if _no_decoding(config) is not None:
+        return None
+    if earlier is not None and "inputs_sha256" in earlier:
+        k = check_decode_k(config.decode_k, int(activations.shape[2]))
+        inputs = decoding_inputs(config, contexts.labels, contexts.document_ids, k, layers)
+        if earlier["inputs_sha256"] == inputs:
+            return None
+    return _decode_table(config, contexts, activations, layers, directory)
+
+
+def decode(out: Path | str, *, progress: bool = False, **changes: Any) -> RunResult:
+    """(Re)do the decoding of a finished run from its stored activations (no model needed):
+    ``neuronprobe decode --out RUN_DIR``.
+
+    Reads ``run.json``, the contexts and ``activations.npy`` of ``out``, applies ``changes``
+    (``decode_k``, ``decode_cv``; see :data:`~neuronprobe.config.DECODING_SETTINGS`), decodes
+    every layer (:func:`neuronprobe.decoding.decode_layers`, with the run's labels, seed, test,
+    alpha and documents) and writes ``decoding.csv``, ``figures/decoding``, ``run.json`` and
+    the report again; an earlier decoding is first copied to ``history/<time>-decode/``.
+    ``progress`` is accepted as :func:`intervene`'s is; the decoding shows no progress bar.
+    Bad settings and a run without its activations are refused in one line, before anything
+    is written.
+    """
+    del progress  # the decoding logs its layers, it draws no bar
+    directory = Path(out)
+    record = read_record(directory)
+    require_stage(directory, record, "statistics")
+    allowed = tuple(name for name in DECODING_SETTINGS if name != "decoding")
+    unknown = sorted(set(changes) - set(allowed))
+    if unknown:
+        raise NeuronprobeError(
+            f"decode cannot change {', '.join(unknown)}: only {', '.join(allowed)}."
+        )
+    config = RunConfig.from_dict({**record["config"], **changes, "decoding": True})
+    layers = list(record["activations"]["layers"])
+    with rundir.locked(directory):
+        contexts = load_contexts(directory / rundir.CONTEXTS)
+        activations = np.load(directory / rundir.ACTIVATIONS, mmap_mode="r")
+        computed = _decode_table(config, contexts, activations, layers, directory, in_run=False)
+        if (directory / rundir.DECODING).exists():  # the earlier one, kept
+            _archive(directory, record, "decode", (rundir.DECODING, rundir.FIGURES, rundir.REPORT))
+        record["config"] = config.to_dict()
+        record["status"] = "running"
+        record.pop("error", None)
+        record["stages"].pop("report", None)
+        with _marked_if_stopped(record, directory):
+            _decoding_stage(config, contexts, activations, layers, directory, record, computed)
+        result = _finish(directory, record)
+        _report(directory, record)
+    result.neurons = rundir.read_neurons(directory)
+    result.layers = pd.read_csv(directory / rundir.LAYERS)
+    return result
+
+
 def _report(directory: Path, record: dict[str, Any]) -> None:
     """The last stage: ``report.html`` from the finished run directory's files."""
     from neuronprobe.report import write_report
@@ -1057,7 +1352,7 @@ def _statistics_and_figures(
     from neuronprobe.tables import layer_table, neuron_table
 
     timings: dict[str, float] = record["timings_s"]
-    seed = config.seed if config.statistics_seed is None else config.statistics_seed
+    seed = _statistics_seed(config)
     record["stages"].update(statistics="running", figures="running")
     record["stages"].pop("report", None)
     rundir.write_json(directory / rundir.RUN_JSON, record)
@@ -1194,15 +1489,20 @@ def probe(out: Path | str, *, progress: bool = False, **changes: Any) -> RunResu
 
     ``statistics_seed`` changes the split, folds and shuffled labels but not which contexts
     were sampled (those are in ``contexts.parquet``, drawn with ``seed``).
+
+    The interventions stay if the refit keeps the split and the significant neurons they chose
+    from, else they go (``neuronprobe intervene`` redoes them: they need the model). The
+    decoding stays if the refit keeps what decides it (:func:`decoding_inputs`: the test,
+    alpha, seed, documents...), else it is done again here (it needs no model); bad settings
+    for it are refused before anything is written.
     """
     directory = Path(out)
     record = read_record(directory)
     require_stage(directory, record, "activations")
     # Interventions finished and whole: kept if the refit keeps what they chose from.
-    interventions_whole = record.get("stages", {}).get("interventions") == "complete" and all(
-        rundir.file_problem(directory, name, record) is None
-        for name in stage_files("interventions", directory, record)
-    )
+    interventions_whole = _stage_whole(directory, record, "interventions")
+    # The decoding, finished and whole: kept if the refit keeps what decides it, else redone.
+    decoding = record.get("decoding") if _stage_whole(directory, record, "decoding") else None
     unknown = sorted(set(changes) - set(STATISTICS_SETTINGS))
     if unknown:
         raise NeuronprobeError(
@@ -1213,11 +1513,15 @@ def probe(out: Path | str, *, progress: bool = False, **changes: Any) -> RunResu
     layers = list(record["activations"]["layers"])
     _figure_layer(config, record)  # or refuse a --layer that was not recorded
     with rundir.locked(directory):
+        contexts = load_contexts(directory / rundir.CONTEXTS)
+        activations = np.load(directory / rundir.ACTIVATIONS, mmap_mode="r")
+        # Before anything is written: a decoding the refit cannot do is refused untouched.
+        decoded = _decoding_to_redo(config, contexts, activations, layers, directory, decoding)
         _archive_statistics(directory, record)
         earlier = record.pop("interventions", None)
         record["stages"].pop("interventions", None)
-        contexts = load_contexts(directory / rundir.CONTEXTS)
-        activations = np.load(directory / rundir.ACTIVATIONS, mmap_mode="r")
+        record.pop("decoding", None)
+        record["stages"].pop("decoding", None)
         record["config"] = config.to_dict()
         record["status"] = "running"
         record["probed"] = datetime.now(UTC).isoformat(timespec="seconds")
@@ -1234,10 +1538,21 @@ def probe(out: Path | str, *, progress: bool = False, **changes: Any) -> RunResu
                 progress,
             )
             _keep_or_drop_interventions(directory, record, earlier, interventions_whole, config)
+            _keep_or_redo_decoding(
+                config, contexts, activations, layers, directory, record, decoding, decoded
+            )
         result = _finish(directory, record)
         _report(directory, record)
     result.neurons, result.layers, result.figures = outputs
     return result
+
+
+def _stage_whole(directory: Path, record: dict[str, Any], stage: str) -> bool:
+    """Whether ``run.json`` marks ``stage`` complete and all its files are whole."""
+    return record.get("stages", {}).get(stage) == "complete" and all(
+        rundir.file_problem(directory, name, record) is None
+        for name in stage_files(stage, directory, record)
+    )
 
 
 def read_record(directory: Path) -> dict[str, Any]:
@@ -1252,7 +1567,8 @@ def read_record(directory: Path) -> dict[str, Any]:
 
 
 def _archive_statistics(directory: Path, record: dict[str, Any]) -> None:
-    """Copy the current tables, figures, interventions and run.json to ``history/<time>-refit/``."""
+    """Copy the current tables, figures, interventions, decoding and run.json to
+    ``history/<time>-refit/``."""
     if record.get("stages", {}).get("statistics") != "complete":
         return
     _archive(directory, record, "refit", RESULT_FILES)

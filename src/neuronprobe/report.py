@@ -2,9 +2,11 @@
 
 Entry point: :func:`write_report` (a finished run directory -> ``report.html`` in it). The page
 reads only the files of the run directory (``run.json``, ``neurons.parquet``, ``layers.csv``,
-``contexts.parquet``, ``activations.npy``, ``figures/*.png``) and says, answer first, which
-layers carry the distinction, which neurons are strongest, the contexts that drive them, and why
-(or how far) to believe it: the shuffled-label control, the correction, the caveats.
+``contexts.parquet``, ``activations.npy``, ``interventions.parquet``, ``decoding.csv``,
+``figures/*.png``) and says, answer first, how well the model and its neurons tell the classes
+apart (effect sizes), which layers carry the distinction, which neurons are strongest, the
+contexts that drive them, and why (or how far) to believe it: the shuffled-label controls, the
+correction, the caveats.
 
 The file stands alone: figures are embedded as base64 PNG data URIs, the CSS is inline, there is
 no script and no link outside the page, and a Content-Security-Policy forbids the browser to
@@ -20,11 +22,13 @@ a function that returns its context. Every value a template shows is HTML-escape
 syntax or a URL shows as text and never becomes a tag or a link; only a figure's data URI is
 marked safe (:func:`_data_uri`).
 
-Three helpers are public because they are the report's decisions: :func:`top_neurons` (which
+Four helpers are public because they are the report's decisions: :func:`top_neurons` (which
 neurons count as the strongest; from :mod:`neuronprobe.tables`, the order the interventions
 use too), :func:`example_contexts` (the contexts that drive a neuron
-most and least) and :func:`intervention_effects` (whether changing the strongest neurons moves
-the model more than changing random neurons of the same layer).
+most and least), :func:`intervention_effects` (whether changing the strongest neurons moves
+the model more than changing random neurons of the same layer) and :func:`decoding_summary`
+(which layer knows most, how few neurons carry most of it, whether the shuffled-label control
+of the probes stays at chance).
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ import pandas as pd
 from markupsafe import Markup
 
 from neuronprobe import rundir
+from neuronprobe.config import decode_k_order
 from neuronprobe.errors import NeuronprobeError
 from neuronprobe.tables import top_neurons
 
@@ -259,6 +264,165 @@ def _effect_row(rows: pd.DataFrame, layer: int, label: str) -> dict[str, Any]:
     return row
 
 
+#: The file of a run directory that holds the decoding probes (one row per layer and k).
+DECODING = rundir.DECODING
+
+#: The columns of ``decoding.csv`` that the report reads.
+DECODING_COLUMNS = ("layer", "k", "neurons_used", "cv_auc", "cv_auc_sd", "shuffled_auc")
+
+#: "Most of it": the share of the best layer's distance from chance (AUC - 0.5) that the
+#: fewest neurons must reach (:func:`decoding_summary`).
+ENOUGH_SHARE = 0.9
+
+#: A shuffled-label AUC above this (or above 3 chance standard deviations, if that is higher)
+#: means the probes find something where there is nothing to find.
+LEAK_AUC = 0.6
+
+
+@dataclass(frozen=True)
+class DecodingSummary:
+    """What :func:`decoding_summary` decides from a decoding table.
+
+    Attributes
+    ----------
+    best_layer, best_k, best_neurons, best_auc:
+        The probe with the highest cross-validated AUC of the table (ties: the lower layer,
+        then the fewer neurons): its layer, ``k`` label (``"5"``, ``"all"``), neurons and AUC.
+    whole_auc, whole_neurons:
+        The best layer's whole-layer probe (``k`` ``"all"``); NaN and None where the table has
+        none.
+    enough_k, enough_neurons, enough_auc, enough_selected, enough_threshold:
+        The fewest neurons of the best layer that reach most of its AUC: the smallest ``k``
+        whose AUC satisfies ``AUC - 0.5 >= ENOUGH_SHARE * (best_auc - 0.5)``, its neurons, AUC,
+        the neurons chosen in every fold (``selected``, "" where not listed) and the AUC the
+        rule asks for, ``0.5 + ENOUGH_SHARE * (best_auc - 0.5)``. None (NaN) where no probe is
+        above chance (``best_auc <= 0.5``).
+    single_layer, single_auc:
+        The best one-neuron probe (``k`` ``"1"``) over the layers; None and NaN without one.
+    shuffled_min, shuffled_max:
+        The range of the shuffled-label AUCs over the table (NaN without the control).
+    chance_sd:
+        The standard deviation of an AUC by chance alone for the run's class sizes,
+        ``sqrt((n1 + n2 + 1) / (12 n1 n2))`` (NaN where they are not known).
+    leak_threshold:
+        ``max(LEAK_AUC, 0.5 + 3 * chance_sd)``: a shuffled-label AUC above it is a leak.
+    leaks:
+        ``(layer, k label, shuffled AUC)`` of every probe whose shuffled-label AUC is above the
+        threshold, highest first.
+    """
+
+    best_layer: int
+    best_k: str
+    best_neurons: int
+    best_auc: float
+    whole_auc: float
+    whole_neurons: int | None
+    enough_k: str | None
+    enough_neurons: int | None
+    enough_auc: float
+    enough_selected: str
+    enough_threshold: float
+    single_layer: int | None
+    single_auc: float
+    shuffled_min: float
+    shuffled_max: float
+    chance_sd: float
+    leak_threshold: float
+    leaks: tuple[tuple[int, str, float], ...]
+
+
+def decoding_summary(
+    decoding: pd.DataFrame, *, class_sizes: tuple[int, int] | None = None
+) -> DecodingSummary:
+    """The report's reading of a decoding table: which layer knows most, how few of its neurons
+    carry most of it, the best single neuron, and whether the shuffled-label control stays at
+    chance.
+
+    Parameters
+    ----------
+    decoding:
+        The run's ``decoding.csv`` (:func:`neuronprobe.decoding.decode_layers`): one row per
+        layer and ``k``, with the columns of :data:`DECODING_COLUMNS` (``selected`` is read
+        where present).
+    class_sizes:
+        The number of contexts of each class, for the AUC's spread by chance alone; None: the
+        leak threshold is :data:`LEAK_AUC`.
+
+    Returns
+    -------
+    DecodingSummary
+
+    Raises
+    ------
+    ValueError
+        If a column is missing or no row has an AUC.
+    """
+    missing = [c for c in DECODING_COLUMNS if c not in decoding.columns]
+    if missing:
+        raise ValueError(f"the decoding table has no column {missing[0]!r}")
+    table = decoding.assign(
+        layer=decoding["layer"].astype(int),
+        k=decoding["k"].astype(str),
+        neurons_used=decoding["neurons_used"].astype(int),
+        cv_auc=decoding["cv_auc"].astype(float),
+        shuffled_auc=decoding["shuffled_auc"].astype(float),
+    )
+    table = table[table["cv_auc"].notna()]
+    if table.empty:
+        raise ValueError("the decoding table has no cross-validated AUC")
+    order = table.assign(minus=-table["cv_auc"]).sort_values(
+        ["minus", "layer", "neurons_used"], kind="stable"
+    )
+    best = order.iloc[0]
+    best_auc = float(best["cv_auc"])
+    layer = table[table["layer"] == int(best["layer"])].sort_values("neurons_used", kind="stable")
+    whole = layer[layer["k"] == "all"]
+    enough, threshold = None, math.nan
+    if best_auc > 0.5:
+        threshold = 0.5 + ENOUGH_SHARE * (best_auc - 0.5)
+        # The rule as stated (AUC - 0.5 >= share * (best - 0.5)); the best probe itself passes.
+        passing = layer[layer["cv_auc"] - 0.5 >= ENOUGH_SHARE * (best_auc - 0.5)]
+        enough = passing.iloc[0]
+    single = table[table["k"] == "1"]
+    single_best = (
+        single.assign(minus=-single["cv_auc"]).sort_values(["minus", "layer"]).iloc[0]
+        if len(single)
+        else None
+    )
+    chance_sd = math.nan
+    if class_sizes is not None and min(class_sizes) > 0:
+        n1, n2 = class_sizes
+        chance_sd = math.sqrt((n1 + n2 + 1) / (12 * n1 * n2))
+    leak_threshold = LEAK_AUC if math.isnan(chance_sd) else max(LEAK_AUC, 0.5 + 3 * chance_sd)
+    shuffled = table[table["shuffled_auc"].notna()]
+    leaking = shuffled[shuffled["shuffled_auc"] > leak_threshold].sort_values(
+        "shuffled_auc", ascending=False, kind="stable"
+    )
+    selected = ""
+    if enough is not None and "selected" in table.columns and not _is_missing(enough["selected"]):
+        selected = str(enough["selected"]).strip()
+    return DecodingSummary(
+        best_layer=int(best["layer"]),
+        best_k=str(best["k"]),
+        best_neurons=int(best["neurons_used"]),
+        best_auc=best_auc,
+        whole_auc=float(whole["cv_auc"].iloc[0]) if len(whole) else math.nan,
+        whole_neurons=int(whole["neurons_used"].iloc[0]) if len(whole) else None,
+        enough_k=None if enough is None else str(enough["k"]),
+        enough_neurons=None if enough is None else int(enough["neurons_used"]),
+        enough_auc=math.nan if enough is None else float(enough["cv_auc"]),
+        enough_selected=selected,
+        enough_threshold=threshold,
+        single_layer=None if single_best is None else int(single_best["layer"]),
+        single_auc=math.nan if single_best is None else float(single_best["cv_auc"]),
+        shuffled_min=float(shuffled["shuffled_auc"].min()) if len(shuffled) else math.nan,
+        shuffled_max=float(shuffled["shuffled_auc"].max()) if len(shuffled) else math.nan,
+        chance_sd=chance_sd,
+        leak_threshold=leak_threshold,
+        leaks=tuple((int(r.layer), str(r.k), float(r.shuffled_auc)) for r in leaking.itertuples()),
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # Reading the run directory
 # ----------------------------------------------------------------------------------------------
@@ -270,7 +434,7 @@ class RunFiles:
 
     ``activations`` is ``[layers, contexts, neurons]`` (a memory map); it and ``contexts`` are
     None where the run directory no longer holds them. ``figures`` are ``(name, png bytes)``,
-    the laminar profile first.
+    the laminar profile first. ``decoding`` is ``decoding.csv`` (None for a run without it).
     """
 
     directory: Path
@@ -280,6 +444,7 @@ class RunFiles:
     contexts: pd.DataFrame | None
     activations: Any | None
     figures: list[tuple[str, bytes]]
+    decoding: pd.DataFrame | None = None
 
 
 def _read_run(directory: Path) -> RunFiles:
@@ -299,16 +464,19 @@ def _read_run(directory: Path) -> RunFiles:
                 f"finish the run with `neuronprobe run --out {directory}` first."
             )
     # What the page shows must be whole: a damaged file is named, never half-shown. The
-    # contexts and activations are optional (deleted to save space, the page shows less).
+    # contexts and activations are optional (deleted to save space, the page shows less), and
+    # so is decoding.csv where run.json records no decoding (a run without the stage); where it
+    # records one, a missing decoding.csv is named like any damaged file.
+    decoded = isinstance(record.get("decoding"), dict) and "file" in record["decoding"]
     optional = [
-        name for name in (rundir.CONTEXTS, rundir.ACTIVATIONS) if (directory / name).exists()
+        name
+        for name in (rundir.CONTEXTS, rundir.ACTIVATIONS, DECODING)
+        if (directory / name).exists() or (name == DECODING and decoded)
     ]
     figure_files = rundir.figure_files(directory, record)
+    fix = f"`neuronprobe run --out {directory} --resume` recomputes it"
     rundir.check_files(
-        directory,
-        [rundir.NEURONS, rundir.LAYERS, *optional, *figure_files],
-        record,
-        f"`neuronprobe run --out {directory} --resume` recomputes it",
+        directory, [rundir.NEURONS, rundir.LAYERS, *optional, *figure_files], record, fix
     )
     neurons = rundir.read_neurons(directory)
     layers = pd.read_csv(directory / rundir.LAYERS)
@@ -323,7 +491,27 @@ def _read_run(directory: Path) -> RunFiles:
         for path in sorted((directory / rundir.FIGURES).glob("*.png"), key=_figure_order)
         if f"{rundir.FIGURES}/{path.name}" in figure_files
     ]
-    return RunFiles(directory, record, neurons, layers, contexts, activations, figures)
+    decoding = None
+    if DECODING in optional:
+        decoding = _read_decoding(directory / DECODING, fix)
+    return RunFiles(directory, record, neurons, layers, contexts, activations, figures, decoding)
+
+
+def _read_decoding(path: Path, fix: str) -> pd.DataFrame:
+    """``decoding.csv`` (already checked against ``run.json`` by :func:`rundir.check_files`),
+    ``k`` and ``selected`` as text, or a one-line :class:`NeuronprobeError` that names it."""
+    try:
+        table = pd.read_csv(path, dtype={"k": str, "selected": str})
+        missing = [c for c in DECODING_COLUMNS if c not in table.columns]
+        if missing:
+            raise ValueError(f"it has no column {missing[0]!r}")
+        if not pd.to_numeric(table["cv_auc"], errors="coerce").notna().any():
+            raise ValueError("it has no cross-validated AUC")
+    except (OSError, ValueError) as error:
+        raise NeuronprobeError(
+            f"{path} is not a readable decoding table ({' '.join(str(error).split())}); {fix}."
+        ) from error
+    return table
 
 
 def _figure_order(path: Path) -> tuple[int, str]:
@@ -713,6 +901,8 @@ def _position_words(position: int) -> str:
 
 
 def _answer(run: RunFiles, facts: Facts, options: PageOptions) -> dict[str, Any]:
+    """The opening: effect sizes first (the model's own AUC, the best layer's probes, the best
+    single neuron), then the count of significant neurons, the control and the rest."""
     ranked = run.layers.sort_values(["percent_significant", "layer"], ascending=[False, True])
     best_layers = ", ".join(
         f"{int(row.layer)} ({row.percent_significant:.1f}%)" for row in ranked.head(3).itertuples()
@@ -737,6 +927,18 @@ def _answer(run: RunFiles, facts: Facts, options: PageOptions) -> dict[str, Any]
             "test_acc": f"{row.test_acc:.1f}",
             "auc": f"{row.auc:.2f}",
         }
+    decoding = None
+    summary = _decoding_summary(run)
+    if summary is not None:
+        decoding = {
+            "layer": summary.best_layer,
+            "auc": f"{summary.best_auc:.2f}",
+            "what": _probe_words(summary.best_k, summary.best_neurons, None),
+            "whole": None
+            if summary.best_k == "all" or _is_missing(summary.whole_auc)
+            else f"{summary.whole_auc:.2f}",
+            "whole_neurons": _int(summary.whole_neurons),
+        }
     return {
         "share": f"{share:.1%}",
         "best_layers": best_layers,
@@ -744,34 +946,78 @@ def _answer(run: RunFiles, facts: Facts, options: PageOptions) -> dict[str, Any]
         "best": best,
         "weak_layers": _poorly_generalising_layers(run.neurons),
         "behavior": _behavior(run),
+        "decoding": decoding,
+        "single": _best_single(run),
         "interventions": (run.directory / INTERVENTIONS).is_file(),
     }
 
 
+def _probe_words(k: str, neurons: int, layer: int | None) -> str:
+    """A probe in words: "the 5 strongest neurons of layer 3", "all 256 neurons of layer 3";
+    without a layer, "its 5 strongest neurons", "all its 256 neurons"."""
+    if layer is None:
+        if k == "all":
+            return f"all its {neurons:,} neurons"
+        return "its strongest neuron" if neurons == 1 else f"its {neurons:,} strongest neurons"
+    if k == "all":
+        return f"all {neurons:,} neurons of layer {layer}"
+    if neurons == 1:
+        return f"the strongest neuron of layer {layer}"
+    return f"the {neurons:,} strongest neurons of layer {layer}"
+
+
 def _behavior(run: RunFiles) -> dict[str, Any] | None:
-    """The model's own held-out AUC at telling the classes apart (``run.json``'s ``behavior``),
-    and the best single neuron's for comparison; None for a run without it."""
+    """The model's own held-out AUC at telling the classes apart (``run.json``'s ``behavior``);
+    None for a run without it."""
     behavior = run.record.get("behavior")
     if not isinstance(behavior, dict) or _is_missing(behavior.get("auc")):
         return None
-    significant = run.neurons[run.neurons["significant"].to_numpy(dtype=bool)]
-    pool = significant if len(significant) else run.neurons
-    best = None
-    if "auc" in pool and pool["auc"].notna().any():
-        row = pool.loc[pool["auc"].astype(float).idxmax()]
-        best = {
-            "auc": f"{float(row.auc):.2f}",
-            "layer": int(row.layer),
-            "neuron": int(row.neuron),
-            "significant": bool(len(significant)),
-        }
     accuracy, contexts = behavior.get("accuracy"), behavior.get("test_contexts")
     return {
         "auc": f"{float(behavior['auc']):.2f}",
+        "value": float(behavior["auc"]),
         "accuracy": None if _is_missing(accuracy) else _fixed(accuracy, 1),
         "contexts": None if _is_missing(contexts) else _int(contexts),
-        "best": best,
     }
+
+
+def _best_single(run: RunFiles) -> dict[str, Any] | None:
+    """The single neuron with the highest held-out AUC (``neurons.parquet``'s ``auc``): of the
+    significant neurons, or of all where none is; None without held-out AUCs."""
+    significant = run.neurons[run.neurons["significant"].to_numpy(dtype=bool)]
+    pool = significant if len(significant) else run.neurons
+    if "auc" not in pool or not pool["auc"].notna().any():
+        return None
+    row = pool.loc[pool["auc"].astype(float).idxmax()]
+    return {
+        "auc": f"{float(row.auc):.2f}",
+        "value": float(row.auc),
+        "layer": int(row.layer),
+        "neuron": int(row.neuron),
+        "significant": bool(len(significant)),
+        "pool": _int(int(pool["auc"].notna().sum())),
+    }
+
+
+def _decoding_summary(run: RunFiles) -> DecodingSummary | None:
+    """:func:`decoding_summary` of the run's ``decoding.csv``, with its class sizes; None
+    without it."""
+    if run.decoding is None:
+        return None
+    return decoding_summary(run.decoding, class_sizes=_class_sizes(run))
+
+
+def _class_sizes(run: RunFiles) -> tuple[int, int] | None:
+    """The contexts of each class (``contexts.parquet``), or half of the activations' contexts
+    each (the run keeps the classes balanced); None where neither is known."""
+    if run.contexts is not None and "label" in run.contexts.columns:
+        labels = run.contexts["label"].to_numpy(dtype=bool)
+        return int(labels.sum()), int((~labels).sum())
+    shape = run.record.get("activations", {}).get("shape")
+    if shape:
+        contexts = int(shape[1])
+        return contexts // 2, contexts - contexts // 2
+    return None
 
 
 def _question(run: RunFiles, facts: Facts, options: PageOptions) -> dict[str, Any]:
@@ -851,7 +1097,7 @@ def _figures(run: RunFiles, facts: Facts, options: PageOptions) -> dict[str, Any
         match = re.fullmatch(r"(neurons|accuracy)_layer(-?\d+)", name)
         kind = (
             name
-            if name in ("layers", "control", "interventions")
+            if name in ("layers", "control", "interventions", "decoding")
             else match.group(1)
             if match
             else "other"
@@ -943,6 +1189,180 @@ def _neuron_examples(
             )
         blocks.append({**row, "ends": ends})
     return blocks
+
+
+def _verb(count: int, verb: str) -> str:
+    """``reaches`` for one neuron, ``reach`` for several."""
+    return verb + ("es" if verb.endswith(("ch", "sh", "s")) else "s") if count == 1 else verb
+
+
+def _decoding(run: RunFiles, facts: Facts, options: PageOptions) -> dict[str, Any] | None:
+    """How much does each layer know? The cross-validated probes on each layer's ``k``
+    strongest neurons (``decoding.csv``), answer first; None without it, one sentence where
+    ``run.json`` says the stage was skipped."""
+    settings = run.record.get("decoding")
+    settings = settings if isinstance(settings, dict) else {}
+    summary = _decoding_summary(run)
+    if summary is None:
+        if "skipped" in settings:
+            return {"skipped": str(settings["skipped"]).rstrip(".")}
+        return None
+    assert run.decoding is not None
+    table = run.decoding.assign(
+        layer=run.decoding["layer"].astype(int), k=run.decoding["k"].astype(str)
+    )
+    labels = sorted(table["k"].unique(), key=decode_k_order)
+    pair = f"“{facts.positive}” and “{facts.negative}”"
+    best_what = _probe_words(summary.best_k, summary.best_neurons, summary.best_layer)
+    above = summary.best_auc > 0.5
+    if above:
+        best = (
+            f"Read together by a cross-validated probe, {best_what} "
+            f"{_verb(summary.best_neurons, 'tell')} {pair} apart with an AUC of "
+            f"{summary.best_auc:.3f}"
+        )
+        if summary.best_k != "all" and summary.whole_neurons is not None:
+            best += f"; all {summary.whole_neurons:,} of its neurons, {summary.whole_auc:.3f}"
+        best += "."
+    else:
+        best = (
+            f"No layer tells {pair} apart above chance: the best cross-validated AUC is "
+            f"{summary.best_auc:.3f} ({best_what})."
+        )
+    enough = None
+    if summary.enough_k is not None and summary.enough_neurons is not None:
+        tried = [label for label in labels if label != "all"]
+        tried += ["the whole layer"] if "all" in labels else []
+        what = _probe_words(summary.enough_k, summary.enough_neurons, summary.best_layer)
+        sentence = (
+            f"{what[0].upper()}{what[1:]} {_verb(summary.enough_neurons, 'reach')} AUC "
+            f"{summary.enough_auc:.3f}, at least {ENOUGH_SHARE:.0%} of the way from chance (0.5) "
+            f"to the layer's best, {summary.best_auc:.3f}: the smallest k tried "
+            f"({_and(tried)}) with AUC − 0.5 ≥ {ENOUGH_SHARE:g} × ({summary.best_auc:.3f} − "
+            f"0.5), that is AUC ≥ {summary.enough_threshold:.3f}."
+        )
+        if summary.enough_selected:
+            chosen = summary.enough_selected.split()
+            sentence += (
+                f" The neuron{'s' * (len(chosen) != 1)} chosen in every fold: {_and(chosen)}."
+            )
+        enough = {
+            "count": "The whole layer"
+            if summary.enough_k == "all"
+            else _neurons_words(summary.enough_neurons).capitalize(),
+            "sentence": sentence,
+        }
+    single = None
+    if summary.single_layer is not None:
+        single = (
+            f"The best one-neuron probe (k = 1, at layer {summary.single_layer}) reaches AUC "
+            f"{summary.single_auc:.3f}, against {summary.best_auc:.3f} for the best probe; its "
+            "neuron is chosen on each fold's training part, so the choice does not inflate it."
+        )
+    neuron = _best_single(run)
+    if neuron is not None:
+        pool = "significant neurons" if neuron["significant"] else "neurons"
+        table_words = (
+            f"The neuron table's best held-out AUC, {neuron['value']:.3f} (layer "
+            f"{neuron['layer']}, neuron {neuron['neuron']}), is the largest of {neuron['pool']} "
+            f"{pool}' AUCs on the same held-out contexts, so it flatters that neuron."
+        )
+        single = table_words if single is None else f"{single} {table_words}"
+    model = None
+    behavior = _behavior(run)
+    if behavior is not None:
+        auc = behavior["value"]
+        shown = f"{summary.best_auc:.3f}", f"{auc:.3f}"
+        compared = (
+            "as well as"
+            if shown[0] == shown[1]
+            else "better than"
+            if summary.best_auc > auc
+            else "less well than"
+        )
+        held_out = behavior["contexts"]
+        total = run.record.get("counts", {}).get("contexts")
+        cv = settings.get("cv")
+        model = (
+            f"Read at its output, the model reaches a held-out AUC of {auc:.3f}: the best probe tells the classes apart {compared} the model's output does "
+            f"({shown[0]} against {shown[1]}). The two are measured on different contexts: the "
+            f"model on the {held_out + ' ' if held_out else ''}held-out contexts of the split, the "
+            f"probes by {f'{cv}-fold ' if cv else ''}cross-validation over all "
+            f"{_int(total) + ' ' if total is not None else ''}contexts."
+        )
+    control, leaks = None, None
+    if not _is_missing(summary.shuffled_min):
+        control = (
+            f"with the labels shuffled, the same procedure gives AUCs from "
+            f"{summary.shuffled_min:.3f} to {summary.shuffled_max:.3f} over all layers and k "
+            "(chance: 0.5"
+        )
+        sizes = _class_sizes(run)
+        if sizes is not None and not _is_missing(summary.chance_sd):
+            control += (
+                f"; with {sizes[0]:,} and {sizes[1]:,} contexts of the two classes, chance alone "
+                f"moves an AUC by about {summary.chance_sd:.3f}, one standard deviation"
+            )
+        control += ")."
+        if summary.leaks:
+            shown_leaks = [
+                f"layer {layer} with {'the whole layer' if k == 'all' else f'k = {k}'} "
+                f"({value:.3f})"
+                for layer, k, value in summary.leaks[:3]
+            ]
+            if len(summary.leaks) > 3:
+                shown_leaks.append(f"{len(summary.leaks) - 3} more")
+            leaks = (
+                f"With shuffled labels, {_and(shown_leaks)} "
+                f"{'reaches' if len(summary.leaks) == 1 else 'reach'} an AUC above "
+                f"{summary.leak_threshold:.3f} ({LEAK_AUC:g}, or 0.5 plus 3 chance standard "
+                "deviations where that is higher), where nothing should be found. Look for "
+                "duplicate contexts, or contexts of one document on both sides of a fold"
+                + ("" if settings.get("grouped") else " (the folds were not grouped by document)")
+                + "."
+            )
+    best_cell = (summary.best_layer, summary.best_k)
+    rows = []
+    for layer, part in table.groupby("layer", sort=True):
+        by_k = {str(r.k): r for r in part.itertuples()}
+        cells = []
+        for label in labels:
+            found = by_k.get(label)
+            text = "–"
+            if found is not None and not _is_missing(found.cv_auc):
+                text = f"{found.cv_auc:.3f}"
+                if not _is_missing(found.cv_auc_sd):
+                    text += f" ± {found.cv_auc_sd:.2f}"
+            cells.append({"text": text, "best": (int(layer), label) == best_cell})
+        shuffled = part["shuffled_auc"].astype(float).dropna()
+        spread = "–"
+        if len(shuffled):
+            low, high = f"{shuffled.min():.3f}", f"{shuffled.max():.3f}"
+            spread = low if low == high else f"{low}–{high}"
+        rows.append({"layer": str(layer), "cells": cells, "shuffled": spread})
+    test = str(settings.get("test", facts.test))
+    return {
+        "skipped": None,
+        "best_layer": summary.best_layer,
+        "above_chance": above,
+        "best": best,
+        "enough": enough,
+        "single": single,
+        "model": model,
+        "control": control,
+        "leaks": leaks,
+        "folds": ("stratified, document-grouped " if settings.get("grouped") else "stratified ")
+        + (f"{settings['cv']}-fold " if settings.get("cv") is not None else "")
+        + "cross-validation",
+        "seed": str(settings.get("seed", run.record.get("seed", "–"))),
+        "C": f"{float(settings.get('C', 1.0)):g}",
+        "statistic": "likelihood-ratio statistic" if test == "lr" else "Wald |z|",
+        "headers": ["layer"]
+        + ["whole layer" if label == "all" else f"k = {label}" for label in labels]
+        + ["shuffled labels"],
+        "rows": rows,
+        "figure": any(name == "decoding" for name, _ in run.figures),
+    }
 
 
 # How each ablation sets a changed neuron: the phrase after "Setting the neurons ...", with
@@ -1247,6 +1667,7 @@ SECTIONS: tuple[Section, ...] = (
     Section("data", "Model, corpus and contexts", _data),
     Section("figures", "Figures", _figures),
     Section("neurons", "The strongest neurons and their contexts", _neurons),
+    Section("decoding", "How much does each layer know?", _decoding),
     Section("interventions", "Does the model use these neurons?", _interventions),
     Section("layers", "Layer by layer", _layers),
     Section("caveats", "How far to trust it", _caveats),

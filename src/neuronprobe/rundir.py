@@ -8,6 +8,9 @@ Layout of a run directory::
     neurons.parquet       one row per (layer, neuron): beta, p-values, AUC, accuracies, significance
     neurons.csv           the same table as CSV
     layers.csv            the laminar profile (notebook part 4)
+    split.csv             the train/test split of the statistics
+    interventions.parquet the strongest neurons changed, against random ones
+    decoding.csv          cross-validated probes on each layer's k strongest neurons
     figures/*.png|svg     the notebook's three figures
     report.html           one self-contained page: the question, the answer, figures, top neurons
 
@@ -39,6 +42,7 @@ NEURONS_CSV = "neurons.csv"
 LAYERS = "layers.csv"
 SPLIT = "split.csv"
 INTERVENTIONS = "interventions.parquet"
+DECODING = "decoding.csv"
 RUN_JSON = "run.json"
 FIGURES = "figures"
 REPORT = "report.html"
@@ -168,6 +172,20 @@ def history_folder(directory: Path, reason: str) -> Path:
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_END = b"IEND\xaeB`\x82"  # the last chunk of every complete PNG file, with its CRC
 #: Columns every table must have (a file with others is not the file the run wrote).
+#: The columns of ``decoding.csv``, in order (:func:`neuronprobe.decoding.decode_layers`).
+DECODING_COLUMNS = (
+    "layer",
+    "k",
+    "neurons_used",
+    "cv_acc",
+    "cv_acc_sd",
+    "cv_auc",
+    "cv_auc_sd",
+    "shuffled_auc",
+    "shuffled_auc_sd",
+    "selected",
+)
+
 _COLUMNS = {
     CONTEXTS: ("context", "label", "document_id", "tokens", "text"),
     NEURONS: ("layer", "neuron", "beta", "pvalue", "pvalue_adj", "significant"),
@@ -175,6 +193,7 @@ _COLUMNS = {
     LAYERS: ("layer", "neurons", "significant", "percent_significant"),
     SPLIT: ("context", "split"),
     INTERVENTIONS: ("layer", "k", "selection", "draw", "auc_before", "auc_after"),
+    DECODING: DECODING_COLUMNS,
 }
 
 
@@ -216,6 +235,9 @@ def file_problem(directory: Path, name: str, record: dict[str, Any]) -> str | No
             return _csv_problem(path, shape[0] if shape else None, _COLUMNS[name])
         if name == SPLIT:
             return _csv_problem(path, contexts, _COLUMNS[name])
+        if name == DECODING:
+            rows = record.get("decoding", {}).get("rows")
+            return _csv_problem(path, rows, _COLUMNS[name])
         if path.suffix == ".json":
             read_json(path)
             return None
@@ -234,11 +256,13 @@ def file_problem(directory: Path, name: str, record: dict[str, Any]) -> str | No
 
 
 def figure_files(
-    directory: Path, record: dict[str, Any], stages: Sequence[str] = ("statistics", "interventions")
+    directory: Path,
+    record: dict[str, Any],
+    stages: Sequence[str] = ("statistics", "interventions", "decoding"),
 ) -> list[str]:
     """The figure files of a run (``figures/<name>.png`` and ``.svg``): those ``run.json``
-    lists for ``stages`` (``statistics.figures``, ``interventions.figures``), or, for a run that
-    lists none, those in ``figures/``."""
+    lists for ``stages`` (``statistics.figures``, ``interventions.figures``,
+    ``decoding.figures``), or, for a run that lists none, those in ``figures/``."""
     listed = [record[stage]["figures"] for stage in stages if "figures" in record.get(stage, {})]
     if listed:
         names = [name for names in listed for name in names]

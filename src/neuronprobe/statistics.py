@@ -64,6 +64,7 @@ __all__ = [
     "adjust_pvalues",
     "cv_folds",
     "fit_neuron_logits",
+    "neuron_statistic",
     "stratified_train_mask",
 ]
 
@@ -528,17 +529,77 @@ def _standard_errors(part: dict[str, np.ndarray]) -> np.ndarray:
     return np.where((beta != 0) & np.isfinite(se), se, np.nan)
 
 
-def _lr_pvalues(part: dict[str, np.ndarray], n1: int, n: int) -> np.ndarray:
-    """Likelihood-ratio p-values from the maximised log-likelihoods of one split."""
+def _lr_statistic(part: dict[str, np.ndarray], n1: int, n: int) -> np.ndarray:
+    """``2 * (loglik_1 - loglik_0)`` from the maximised log-likelihoods of one split."""
     p1 = n1 / n
     null = n1 * math.log(p1) + (n - n1) * math.log1p(-p1)
-    statistic = np.maximum(2.0 * (part["loglik"] - null), 0.0)
-    return np.asarray(stats.chi2.sf(statistic, df=1), dtype=np.float64)
+    return np.asarray(np.maximum(2.0 * (part["loglik"] - null), 0.0), dtype=np.float64)
+
+
+def _lr_pvalues(part: dict[str, np.ndarray], n1: int, n: int) -> np.ndarray:
+    """Likelihood-ratio p-values from the maximised log-likelihoods of one split."""
+    return np.asarray(stats.chi2.sf(_lr_statistic(part, n1, n), df=1), dtype=np.float64)
 
 
 def _probe_auc(raw: np.ndarray, beta: np.ndarray) -> np.ndarray:
     """The probe's held-out AUC from the activation's own AUC and the slope's sign."""
     return np.where(beta > 0, raw, np.where(beta < 0, 1.0 - raw, np.where(np.isnan(raw), raw, 0.5)))
+
+
+def neuron_statistic(
+    x: np.ndarray,
+    labels: np.ndarray,
+    train_idx: np.ndarray,
+    *,
+    test: str = "wald",
+    alpha: float = 0.1,
+) -> np.ndarray:
+    """The deciding statistic of every neuron's fit on some contexts: larger is stronger.
+
+    The same one-neuron fit as :func:`fit_neuron_logits`, on ``train_idx`` only, summarised by
+    the statistic its test turns into a p-value (so ordering by it is ordering by the p-value,
+    without the p-values' underflow to 0 for strong neurons).
+
+    Parameters
+    ----------
+    x : np.ndarray
+        ``[contexts, neurons]`` finite activations, float32 or float64.
+    labels : np.ndarray
+        bool ``[contexts]``, True = positive class.
+    train_idx : np.ndarray
+        int64 indices of the contexts to fit on (both classes present).
+    test : {"wald", "lr"}, default "wald"
+        ``"wald"``: ``|beta / se|`` of the L1 fit (0 where the slope is 0); ``"lr"``: the
+        likelihood-ratio statistic ``2 * (loglik_1 - loglik_0)`` of the unpenalised fit.
+    alpha : float, default 0.1
+        L1 weight of the penalised fit (statsmodels' ``alpha``).
+
+    Returns
+    -------
+    np.ndarray
+        float64 ``[neurons]``, non-negative.
+    """
+    from neuronprobe.logit_kernel import fit_layer
+
+    if test not in TESTS:
+        raise FitInputError(f"test must be one of {', '.join(TESTS)}; got {test!r}.")
+    y = np.asarray(labels, dtype=bool)
+    train_idx = np.asarray(train_idx, dtype=np.int64)
+    part = fit_layer(
+        x, y, train_idx, np.empty(0, dtype=np.int64), alpha=alpha, with_lr=test == "lr"
+    )
+    bad = np.flatnonzero(~part["finite"])
+    if bad.size:
+        raise FitInputError(
+            f"activations contain NaN or inf (neuron {int(bad[0])}"
+            f"{f' and {bad.size - 1} more' if bad.size > 1 else ''}); clean or drop those "
+            "neurons before fitting."
+        )
+    if test == "lr":
+        return _lr_statistic(part, int(y[train_idx].sum()), int(train_idx.size))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.abs(part["beta"] / _standard_errors(part))
+    return np.where(np.isfinite(z), z, 0.0)
 
 
 # ----------------------------------------------------------------------------------------------
